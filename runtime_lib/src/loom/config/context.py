@@ -1,0 +1,148 @@
+"""``ConfigContext``: the one resolved configuration a runner executes with.
+
+Sources, highest precedence first: explicit arguments, environment variables
+(see :mod:`loom.config.settings`), a YAML file, defaults. This module defines
+the shape and validation; every loader produces the same object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from loom.config.interpolation import interpolate
+from loom.streaming.bytewax.runtime_config import BytewaxRuntimeConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _json_object(value: Any) -> Any:
+    """Accept a JSON object given as a string (as environment variables are)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"expected a JSON object, got invalid JSON: {exc}") from exc
+    return value
+
+
+LibrdkafkaSettings = Annotated[dict[str, Any], pydantic.BeforeValidator(_json_object)]
+
+
+class KafkaSettings(_Section):
+    """Broker connection and client settings shared by consumers and producers."""
+
+    bootstrap_servers: str | None = None
+    group_id: str | None = None
+    security_protocol: str | None = None
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    consumer: LibrdkafkaSettings = Field(default_factory=dict)
+    producer: LibrdkafkaSettings = Field(default_factory=dict)
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka settings common to every client, secrets included.
+
+        Pass the result straight to a client; never log it.
+        """
+        settings: dict[str, Any] = {}
+        if self.bootstrap_servers:
+            settings["bootstrap.servers"] = self.bootstrap_servers
+        for key, value in (
+            ("security.protocol", self.security_protocol),
+            ("sasl.mechanism", self.sasl_mechanism),
+            ("sasl.username", self.sasl_username),
+            ("ssl.ca.location", self.ssl_ca_location),
+        ):
+            if value is not None:
+                settings[key] = value
+        if self.sasl_password is not None:
+            settings["sasl.password"] = self.sasl_password.get_secret_value()
+        return settings
+
+
+def _runtime_config(value: Any) -> BytewaxRuntimeConfig:
+    if isinstance(value, BytewaxRuntimeConfig):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("addresses"), str):
+        value = {**value, "addresses": _split_addresses(value["addresses"])}
+    try:
+        return msgspec.convert(value, BytewaxRuntimeConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _split_addresses(text: str) -> list[str]:
+    """Addresses come as ``host:port,host:port`` or a JSON list."""
+    text = text.strip()
+    if text.startswith("["):
+        parsed = json.loads(text)
+        if not isinstance(parsed, list):
+            raise ValueError("addresses must be a JSON list of host:port strings")
+        return [str(item) for item in parsed]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+RuntimeSettings = Annotated[
+    BytewaxRuntimeConfig,
+    pydantic.PlainValidator(_runtime_config),
+    pydantic.PlainSerializer(msgspec.to_builtins),
+]
+
+
+class SinkSettings(_Section):
+    """A named sink: the registered sink type and the options it is built with."""
+
+    type: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class StreamingSettings(_Section):
+    runtime: RuntimeSettings = Field(default_factory=BytewaxRuntimeConfig)
+    sinks: dict[str, SinkSettings] = Field(default_factory=dict)
+
+
+class ObservabilitySettings(_Section):
+    prometheus_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+
+
+class ConfigContext(_Section):
+    """The resolved configuration of one service."""
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: dict[str, str] = Field(default_factory=dict)
+    streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+
+    @property
+    def runtime(self) -> BytewaxRuntimeConfig:
+        """The ``streaming.runtime`` section as the runner's runtime config."""
+        return self.streaming.runtime
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConfigContext:
+        """Validate a plain mapping (the parsed form of the YAML file)."""
+        return cls.model_validate(dict(data))
+
+    @classmethod
+    def from_yaml(
+        cls, path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+    ) -> ConfigContext:
+        """Load a YAML file, substituting ``${VAR}`` / ``${VAR:-default}``."""
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{path}: the top level of a config file must be a mapping")
+        return cls.from_dict(interpolate(data, os.environ if environ is None else environ))

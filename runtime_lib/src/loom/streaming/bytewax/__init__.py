@@ -1,0 +1,1 @@
+"""The Bytewax execution layer: compiled plans become Bytewax dataflows."""

@@ -1,0 +1,126 @@
+"""Completion tracking: when is an input offset safe to commit?
+
+Every input record gets an :class:`OffsetAck`. Each record derived from it
+(the step result, each expand child, a batch containing it, a dead letter)
+holds a reference and releases it when it reaches a terminal state: delivered,
+dead-lettered or deliberately dropped. An offset becomes committable when its
+ack is released *and* every earlier offset of the partition is too, so the
+commit point never jumps over unfinished work.
+
+All of this is worker-local: a Bytewax worker's records never leave its
+thread (the adapter uses no exchanging operators), so no locks are needed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class Ack:
+    """A reference count of unfinished records derived from one origin."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = 1
+
+    def retain(self, count: int) -> None:
+        """Account for ``count`` more derived records (e.g. expand children)."""
+        self.pending += count
+
+    def release(self) -> None:
+        """One derived record reached a terminal state."""
+        self.pending -= 1
+        if self.pending == 0:
+            self._finished()
+
+    def _finished(self) -> None:
+        """Hook for acks that propagate completion."""
+
+
+class OffsetAck(Ack):
+    """The ack of one consumed offset; finished when ``pending`` is zero."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, offset: int) -> None:
+        self.pending = 1
+        self.offset = offset
+
+
+class GroupAck(Ack):
+    """The ack of a batch: releases every member once all outputs finish."""
+
+    __slots__ = ("members",)
+
+    def __init__(self, members: list[Ack]) -> None:
+        self.pending = 1
+        self.members = members
+
+    def _finished(self) -> None:
+        for member in self.members:
+            member.release()
+
+
+class PartitionProgress:
+    """Acks of one partition in consumption order."""
+
+    __slots__ = ("_acks", "partition", "uncommitted")
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self._acks: deque[OffsetAck] = deque()
+        self.uncommitted: int | None = None
+        """The commit point reached but not yet committed, if any."""
+
+    def track(self, offset: int) -> OffsetAck:
+        ack = OffsetAck(offset)
+        self._acks.append(ack)
+        return ack
+
+    def advance(self) -> int:
+        """Drop the finished prefix and return how many offsets remain in flight.
+
+        Kafka's committed offset is the *next* offset to read, hence ``+ 1``.
+        """
+        acks = self._acks
+        last = None
+        while acks and acks[0].pending == 0:
+            last = acks.popleft().offset
+        if last is not None:
+            self.uncommitted = last + 1
+        return len(acks)
+
+
+class WorkerProgress:
+    """Completion state of every partition a worker reads."""
+
+    __slots__ = ("_partitions",)
+
+    def __init__(self) -> None:
+        self._partitions: dict[int, PartitionProgress] = {}
+
+    def partition(self, partition: int) -> PartitionProgress:
+        progress = self._partitions.get(partition)
+        if progress is None:
+            progress = self._partitions[partition] = PartitionProgress(partition)
+        return progress
+
+    @property
+    def in_flight(self) -> int:
+        """Offsets consumed and not yet finished (the source bounds this)."""
+        return sum(progress.advance() for progress in self._partitions.values())
+
+    def committable(self) -> dict[int, int]:
+        """Partitions whose commit point moved since the last call, and where to."""
+        moved: dict[int, int] = {}
+        for partition, progress in self._partitions.items():
+            progress.advance()
+            if progress.uncommitted is not None:
+                moved[partition] = progress.uncommitted
+                progress.uncommitted = None
+        return moved
+
+    def forget(self, partition: int) -> None:
+        """Stop tracking a partition this worker no longer owns."""
+        self._partitions.pop(partition, None)

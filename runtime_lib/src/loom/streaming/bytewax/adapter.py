@@ -1,0 +1,161 @@
+"""The one place a :class:`FlowPlan` becomes Bytewax operators.
+
+Shape of the dataflow (all operators are worker-local; nothing is exchanged
+between workers, which is what lets acks live in plain Python objects):
+
+    input ─ map(step) ─ … ─┬─ map(encode) ─ output(topic)
+                           └─ map(router) ─ map(route i) ─ … (each branch ends in a sink)
+    every terminal ─ filter_map(failures) ─ merge ─ filter_map(kinds) ─ output(error sink)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from operator import itemgetter
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.outputs import DynamicSink
+
+from loom.streaming.bytewax.bridge import AsyncBridge, AsyncOp
+from loom.streaming.bytewax.operators import (
+    CollectOp,
+    DeadLetterEncoder,
+    EncodeOp,
+    ExpandOp,
+    RecordOp,
+    RouterOp,
+    SelectErrors,
+    drain,
+    drain_errors,
+    envelopes,
+    to_messages,
+)
+from loom.streaming.bytewax.outputs import AckingSink, TopicSink
+from loom.streaming.bytewax.records import Chunk, Failure, Outbound
+from loom.streaming.bytewax.source import FlowSource, SourceSettings
+from loom.streaming.bytewax.state import RunState
+from loom.streaming.bytewax.transport import Transport
+from loom.streaming.errors import ErrorKind
+from loom.streaming.plan import (
+    AsyncPlan,
+    BranchPlan,
+    ChainPlan,
+    CollectPlan,
+    DrainPlan,
+    FlowPlan,
+    NamedSinkPlan,
+    RouterPlan,
+    TerminalPlan,
+    TopicSinkPlan,
+)
+
+
+def _failures_of(outbound: Outbound) -> list[Failure] | None:
+    return outbound.failures or None
+
+
+class DataflowBuilder:
+    """Builds the Bytewax ``Dataflow`` of one plan for one run."""
+
+    def __init__(
+        self,
+        plan: FlowPlan,
+        *,
+        source: Transport,
+        sink: Transport,
+        named_sinks: Mapping[str, DynamicSink[Any]],
+        error_sinks: Mapping[ErrorKind, DynamicSink[Any]],
+        bridge: AsyncBridge | None,
+        run: RunState,
+        settings: SourceSettings,
+    ) -> None:
+        self.plan = plan
+        self.source = source
+        self.sink = sink
+        self.named_sinks = named_sinks
+        self.error_sinks = error_sinks
+        self.bridge = bridge
+        self.run = run
+        self.settings = settings
+        self._failure_streams: list[Stream[list[Failure]]] = []
+
+    def build(self) -> Dataflow:
+        flow = Dataflow(self.plan.name.replace(".", "_"))
+        chunks = op.input(
+            self.plan.source.node_id,
+            flow,
+            FlowSource(self.plan, self.source, self.run, self.settings),
+        )
+        self._branch(self.plan.root, chunks)
+        failures = op.merge("failures", *self._failure_streams)
+        self._errors(failures)
+        return flow
+
+    # -- records ----------------------------------------------------------
+
+    def _branch(self, branch: BranchPlan, stream: Stream[Chunk]) -> None:
+        for step in branch.steps:
+            stream = op.map(step.node_id, stream, self._operator(step))
+        end = branch.end
+        if isinstance(end, RouterPlan):
+            router = RouterOp(self.plan.name, end)
+            split = op.map(end.node_id, stream, router)
+            targets = [route.branch for route in end.routes]
+            if end.default is not None:
+                targets.append(end.default)
+            for index, target in enumerate(targets):
+                self._branch(target, op.map(f"{end.node_id}__{index}", split, itemgetter(index)))
+        else:
+            self._terminal(end, stream)
+
+    def _operator(self, step: ChainPlan) -> Any:
+        if isinstance(step, CollectPlan):
+            return CollectOp(step)
+        if isinstance(step, AsyncPlan):
+            if self.bridge is None:
+                raise RuntimeError(f"{step.node_id} is async but the run has no AsyncBridge")
+            return AsyncOp(self.plan.name, step, self.bridge)
+        if step.kind == "record":
+            return RecordOp(self.plan.name, step)
+        return ExpandOp(self.plan.name, step)
+
+    def _terminal(self, terminal: TerminalPlan, stream: Stream[Chunk]) -> None:
+        node = terminal.node_id
+        if isinstance(terminal, TopicSinkPlan):
+            encode = EncodeOp(self.plan.name, node, terminal.binding)
+            outbound = op.map(f"{node}__encode", stream, encode)
+            op.output(node, outbound, TopicSink(self.sink, terminal.binding, self.run))
+        elif isinstance(terminal, NamedSinkPlan):
+            outbound = op.map(f"{node}__messages", stream, to_messages)
+            op.output(node, outbound, AckingSink(self.named_sinks[terminal.name]))
+        else:
+            outbound = op.map(node, stream, drain)
+        self._failure_streams.append(op.filter_map(f"{node}__failures", outbound, _failures_of))
+
+    # -- errors -----------------------------------------------------------
+
+    def _errors(self, failures: Stream[list[Failure]]) -> None:
+        by_terminal: dict[str, tuple[TerminalPlan, list[ErrorKind]]] = {}
+        for kind, terminal in self.plan.error_routes.items():
+            if kind not in self.error_sinks:
+                by_terminal.setdefault(terminal.node_id, (terminal, []))[1].append(kind)
+        for node, (terminal, kinds) in by_terminal.items():
+            chosen = op.filter_map(f"errors__{node}", failures, SelectErrors(kinds))
+            self._error_terminal(terminal, chosen)
+        for kind, sink in self.error_sinks.items():
+            chosen = op.filter_map(f"errors__{kind.value}", failures, SelectErrors([kind]))
+            outbound = op.map(f"errors__{kind.value}__envelopes", chosen, envelopes)
+            op.output(f"errors__{kind.value}__sink", outbound, AckingSink(sink))
+
+    def _error_terminal(self, terminal: TerminalPlan, failures: Stream[list[Failure]]) -> None:
+        node = f"errors__{terminal.node_id}"
+        if isinstance(terminal, TopicSinkPlan):
+            records = op.map(f"{node}__encode", failures, DeadLetterEncoder(terminal.binding.codec))
+            op.output(f"{node}__sink", records, TopicSink(self.sink, terminal.binding, self.run))
+        elif isinstance(terminal, NamedSinkPlan):
+            outbound = op.map(f"{node}__envelopes", failures, envelopes)
+            op.output(f"{node}__sink", outbound, AckingSink(self.named_sinks[terminal.name]))
+        elif isinstance(terminal, DrainPlan):
+            op.map(f"{node}__drain", failures, drain_errors)

@@ -1,0 +1,312 @@
+"""Chunk-level operators: one callable per plan node, run inside ``op.map``.
+
+Each operator loops over a chunk's records in plain Python (the per-record
+hot path), turns exceptions into failures, and releases acks of records that
+end here (filtered, zero outputs). Operators that buffer keep their state per
+Bytewax worker, keyed by ``chunk.worker``; a worker's chunks always arrive on
+its own thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from loom.streaming.bytewax.acks import Ack, GroupAck
+from loom.streaming.bytewax.records import (
+    Chunk,
+    Failure,
+    OutRecord,
+    Outbound,
+    Rec,
+    error_kind_of,
+    failures_for,
+)
+from loom.streaming.codecs import Codec
+from loom.streaming.errors import ErrorEnvelope, ErrorKind
+from loom.streaming.plan import CollectPlan, RouterPlan, StepPlan, TopicBinding
+
+ChunkOp = Callable[[Chunk], Chunk]
+
+
+def _merge(chunk: Chunk, new: list[Failure]) -> list[Failure]:
+    return [*chunk.failures, *new] if new else chunk.failures
+
+
+def _argument(rec: Rec, takes_message: bool) -> Any:
+    if rec.members is not None:
+        return [m.as_message() for m in rec.members] if takes_message else rec.value
+    return rec.as_message() if takes_message else rec.value
+
+
+class RecordOp:
+    """``RecordStep``: one result per record; ``None`` drops the record."""
+
+    def __init__(self, flow: str, plan: StepPlan) -> None:
+        self.flow, self.node, self.fn, self.takes_message = (
+            flow,
+            plan.node_id,
+            plan.fn,
+            plan.takes_message,
+        )
+
+    def __call__(self, chunk: Chunk) -> Chunk:
+        if not chunk.records:
+            return chunk
+        fn, takes_message = self.fn, self.takes_message
+        out: list[Rec] = []
+        failed: list[Failure] = []
+        for rec in chunk.records:
+            try:
+                result = fn(rec.as_message() if takes_message else rec.value)
+            except Exception as exc:
+                failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
+                continue
+            if result is None:
+                rec.ack.release()
+            else:
+                rec.set_result(result)
+                out.append(rec)
+        return chunk.derive(out, _merge(chunk, failed))
+
+
+def fan_out(rec: Rec, results: list[Any], ack: Ack, out: list[Rec]) -> None:
+    """Emit ``results`` as records derived from ``rec`` holding ``ack``."""
+    if not results:
+        ack.release()
+        return
+    ack.retain(len(results) - 1)
+    for value in results:
+        child = Rec(None, rec.origin if rec.members is None else None, ack)
+        child.key, child.headers = rec.key, rec.headers
+        child.set_result(value)
+        out.append(child)
+
+
+class ExpandOp:
+    """``ExpandStep``/``BatchStep``: zero or more results per record or batch.
+
+    Results are materialised before any is emitted, so a step that raises
+    halfway sends the whole input to the error route and no partial output.
+    """
+
+    def __init__(self, flow: str, plan: StepPlan) -> None:
+        self.flow, self.node, self.fn, self.takes_message = (
+            flow,
+            plan.node_id,
+            plan.fn,
+            plan.takes_message,
+        )
+
+    def __call__(self, chunk: Chunk) -> Chunk:
+        if not chunk.records:
+            return chunk
+        out: list[Rec] = []
+        failed: list[Failure] = []
+        for rec in chunk.records:
+            try:
+                results = _materialise(self.fn(_argument(rec, self.takes_message)))
+            except Exception as exc:
+                failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
+                continue
+            fan_out(rec, results, rec.ack, out)
+        return chunk.derive(out, _merge(chunk, failed))
+
+
+def _materialise(results: Iterable[Any] | None) -> list[Any]:
+    if results is None:
+        return []
+    if isinstance(results, str | bytes | dict):
+        raise TypeError(f"an expand or batch step must return an iterable of records, "
+                        f"not {type(results).__name__}")
+    return list(results)
+
+
+def make_batch(members: list[Rec]) -> Rec:
+    return Rec(
+        [member.value for member in members],
+        None,
+        GroupAck([member.ack for member in members]),
+        members,
+    )
+
+
+class _Buffer:
+    __slots__ = ("deadline", "records")
+
+    def __init__(self) -> None:
+        self.records: list[Rec] = []
+        self.deadline = 0.0
+
+
+class CollectOp:
+    """``CollectBatch``: emit batches when full, when their timeout passes, or on flush."""
+
+    def __init__(self, plan: CollectPlan) -> None:
+        self.max_records = plan.max_records
+        self.timeout_s = plan.timeout_ms / 1000
+        self._buffers: dict[int, _Buffer] = {}
+
+    def __call__(self, chunk: Chunk) -> Chunk:
+        buffer = self._buffers.get(chunk.worker)
+        if buffer is None:
+            buffer = self._buffers[chunk.worker] = _Buffer()
+        now = time.monotonic()
+        out: list[Rec] = []
+        for rec in chunk.records:
+            if not buffer.records:
+                buffer.deadline = now + self.timeout_s
+            buffer.records.append(rec)
+            if len(buffer.records) >= self.max_records:
+                out.append(make_batch(buffer.records))
+                buffer.records = []
+        if buffer.records and (chunk.flush or now >= buffer.deadline):
+            out.append(make_batch(buffer.records))
+            buffer.records = []
+        return chunk.derive(out, chunk.failures)
+
+
+class RouterOp:
+    """``Router``: split a chunk into one chunk per route (plus the default).
+
+    Every output chunk carries the control signals (ticks, flush) so each
+    branch makes progress; upstream failures travel in the first one only.
+    """
+
+    def __init__(self, flow: str, plan: RouterPlan) -> None:
+        self.flow = flow
+        self.node = plan.node_id
+        self.predicates = [route.predicate for route in plan.routes]
+        self.has_default = plan.default is not None
+
+    @property
+    def outputs(self) -> int:
+        return len(self.predicates) + self.has_default
+
+    def __call__(self, chunk: Chunk) -> tuple[Chunk, ...]:
+        buckets: list[list[Rec]] = [[] for _ in range(self.outputs)]
+        failed: list[Failure] = []
+        for rec in chunk.records:
+            try:
+                index = self._route(rec.value)
+            except Exception as exc:
+                failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
+                continue
+            if index is None:
+                reason = f"no route of {self.node} matched and it has no default"
+                failed += failures_for(self.flow, self.node, ErrorKind.ROUTING, rec, reason)
+            else:
+                buckets[index].append(rec)
+        first = _merge(chunk, failed)
+        return tuple(
+            chunk.derive(records, first if index == 0 else [])
+            for index, records in enumerate(buckets)
+        )
+
+    def _route(self, value: Any) -> int | None:
+        for index, predicate in enumerate(self.predicates):
+            if predicate(value):
+                return index
+        return len(self.predicates) if self.has_default else None
+
+
+class EncodeOp:
+    """Before ``IntoTopic``: encode records to bytes, checking the declared type."""
+
+    def __init__(self, flow: str, node: str, binding: TopicBinding) -> None:
+        self.flow = flow
+        self.node = node
+        self.codec: Codec = binding.codec
+        expected = binding.payload_type
+        self.expected: type | None = expected if isinstance(expected, type) else None
+
+    def __call__(self, chunk: Chunk) -> Outbound:
+        encode, expected = self.codec.encode, self.expected
+        items: list[OutRecord] = []
+        acks: list[Ack] = []
+        failed: list[Failure] = []
+        for rec in chunk.records:
+            value = rec.value
+            try:
+                if expected is not None and not isinstance(value, expected):
+                    raise TypeError(
+                        f"{self.node} expects {expected.__name__} records, got "
+                        f"{type(value).__name__}"
+                    )
+                data = encode(value)
+            except Exception as exc:
+                failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, exc)
+                continue
+            items.append(OutRecord(rec.out_key(), data, rec.out_headers(), rec))
+            acks.append(rec.ack)
+        return Outbound(items, acks, _merge(chunk, failed))
+
+
+def to_messages(chunk: Chunk) -> Outbound:
+    """Before ``IntoSink``: hand records to the user's sink as ``Message`` objects."""
+    return Outbound(
+        [rec.as_message() for rec in chunk.records],
+        [rec.ack for rec in chunk.records],
+        chunk.failures,
+    )
+
+
+def drain(chunk: Chunk) -> Outbound:
+    """``Drain``: records end here on purpose; they count as finished."""
+    for rec in chunk.records:
+        rec.ack.release()
+    return Outbound([], [], chunk.failures)
+
+
+class SelectErrors:
+    """Pick the failures of some kinds for one error terminal."""
+
+    def __init__(self, kinds: Iterable[ErrorKind]) -> None:
+        self.kinds = frozenset(kinds)
+
+    def __call__(self, failures: list[Failure]) -> list[Failure] | None:
+        chosen = [failure for failure in failures if failure.envelope.kind in self.kinds]
+        return chosen or None
+
+
+def envelopes(failures: list[Failure]) -> Outbound:
+    return Outbound([f.envelope for f in failures], [f.ack for f in failures], [])
+
+
+def drain_errors(failures: list[Failure]) -> Outbound:
+    for failure in failures:
+        failure.ack.release()
+    return Outbound([], [], [])
+
+
+DLQ_HEADER_PREFIX = "loom-"
+
+
+class DeadLetterEncoder:
+    """Error envelopes as dead-letter records: JSON body, coordinates in headers too."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+
+    def __call__(self, failures: list[Failure]) -> Outbound:
+        items = [dead_letter_record(f.envelope, self.codec) for f in failures]
+        return Outbound(items, [f.ack for f in failures], [])
+
+
+def dead_letter_record(envelope: ErrorEnvelope, codec: Codec) -> OutRecord:
+    headers = [h for h in envelope.headers if not h[0].startswith(DLQ_HEADER_PREFIX)]
+    headers += [
+        (f"{DLQ_HEADER_PREFIX}error-kind", envelope.kind.value.encode()),
+        (f"{DLQ_HEADER_PREFIX}flow", envelope.flow.encode()),
+        (f"{DLQ_HEADER_PREFIX}node", envelope.node.encode()),
+        (f"{DLQ_HEADER_PREFIX}exception-type", envelope.exception_type.encode()),
+        (f"{DLQ_HEADER_PREFIX}attempt", str(envelope.attempt).encode()),
+    ]
+    if envelope.topic is not None:
+        headers += [
+            (f"{DLQ_HEADER_PREFIX}source-topic", envelope.topic.encode()),
+            (f"{DLQ_HEADER_PREFIX}source-partition", str(envelope.partition).encode()),
+            (f"{DLQ_HEADER_PREFIX}source-offset", str(envelope.offset).encode()),
+        ]
+    return OutRecord(envelope.key, codec.encode(envelope), tuple(headers))

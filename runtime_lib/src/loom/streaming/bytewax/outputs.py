@@ -1,0 +1,80 @@
+"""Bytewax sinks of the flow: they store items and release their acks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from loom.streaming.bytewax.records import Outbound
+from loom.streaming.bytewax.state import RunState
+from loom.streaming.bytewax.transport import Transport, TransportWriter
+from loom.streaming.plan import TopicBinding
+
+
+class TopicSink(DynamicSink[Outbound]):
+    """Writes encoded records to a topic through the transport.
+
+    Acks are released by the writer on delivery, not here: a record counts as
+    finished only once the broker confirmed it.
+    """
+
+    def __init__(self, transport: Transport, binding: TopicBinding, run: RunState) -> None:
+        self.transport = transport
+        self.binding = binding
+        self.run = run
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _WriterPartition:
+        worker = self.run.worker(worker_index)
+        writer = self.transport.writer(self.binding, worker_index, worker.report)
+        worker.writers.append(writer)
+        return _WriterPartition(writer)
+
+
+class _WriterPartition(StatelessSinkPartition[Outbound]):
+    def __init__(self, writer: TransportWriter) -> None:
+        self.writer = writer
+
+    def write_batch(self, items: list[Outbound]) -> None:
+        for outbound in items:
+            if outbound.items:
+                self.writer.write(outbound.items, outbound.acks)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class AckingSink(DynamicSink[Outbound]):
+    """Adapts a user's Bytewax ``DynamicSink`` (a registered sink or an ErrorSink).
+
+    The user's partition receives plain items (``Message`` or
+    ``ErrorEnvelope``); once its ``write_batch`` returns, they count as
+    finished. If it raises, the run fails and nothing after them is committed.
+    """
+
+    def __init__(self, sink: DynamicSink[Any]) -> None:
+        if not isinstance(sink, DynamicSink):
+            raise TypeError(
+                f"{type(sink).__name__} must be a bytewax DynamicSink to be used as a Loom sink"
+            )
+        self.sink = sink
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _AckingPartition:
+        return _AckingPartition(self.sink.build(step_id, worker_index, worker_count))
+
+
+class _AckingPartition(StatelessSinkPartition[Outbound]):
+    def __init__(self, partition: StatelessSinkPartition[Any]) -> None:
+        self.partition = partition
+
+    def write_batch(self, items: list[Outbound]) -> None:
+        values = [value for outbound in items for value in outbound.items]
+        if not values:
+            return
+        self.partition.write_batch(values)
+        for outbound in items:
+            for ack in outbound.acks:
+                ack.release()
+
+    def close(self) -> None:
+        self.partition.close()

@@ -1,0 +1,245 @@
+"""What flows between Bytewax operators: chunks of records, not single records.
+
+Bytewax pays a fixed Python cost per item per operator, so the adapter moves
+one :class:`Chunk` per source poll through the dataflow and each operator
+loops over its records in plain Python. A chunk also carries the failures
+produced upstream, and control signals: an empty chunk is a *tick* that lets
+time-based nodes (batch timeouts, async results) make progress while input is
+idle; ``flush`` asks buffering nodes to emit everything they hold.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, Protocol
+
+import msgspec
+
+from loom.streaming.bytewax.acks import Ack
+from loom.streaming.errors import BusinessError, ErrorEnvelope, ErrorKind
+from loom.streaming.message import Headers, Message, MessageMeta
+
+ATTEMPT_HEADER = "loom-attempt"
+
+
+class Origin(Protocol):
+    """An input record as the transport delivers it (confluent-kafka's shape)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+    def headers(self) -> list[tuple[str, bytes]] | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+class Rec:
+    """One record in flight: its current value, where it came from, its ack.
+
+    ``key``/``headers`` are ``None`` until a step overrides them by returning
+    a :class:`Message`; until then they are read from ``origin``. A batch
+    from ``CollectBatch`` keeps its input records in ``members``.
+    """
+
+    __slots__ = ("ack", "headers", "key", "members", "origin", "value")
+
+    def __init__(
+        self,
+        value: Any,
+        origin: Origin | None,
+        ack: Ack,
+        members: list[Rec] | None = None,
+    ) -> None:
+        self.value = value
+        self.origin = origin
+        self.ack = ack
+        self.key: bytes | None = None
+        self.headers: Headers | None = None
+        self.members = members
+
+    def child(self, value: Any) -> Rec:
+        """A derived record sharing origin and ack (the caller retains the ack)."""
+        rec = Rec(value, self.origin, self.ack)
+        rec.key, rec.headers = self.key, self.headers
+        return rec
+
+    def set_result(self, value: Any) -> None:
+        """Store a step's result; a returned ``Message`` also sets key and headers."""
+        if isinstance(value, Message):
+            self.value = value.payload
+            self.key = value.key
+            self.headers = value.headers
+        else:
+            self.value = value
+
+    def out_key(self) -> bytes | None:
+        if self.key is not None or self.headers is not None or self.origin is None:
+            return self.key
+        return self.origin.key()
+
+    def out_headers(self) -> Headers:
+        if self.headers is not None:
+            return self.headers
+        if self.origin is None:
+            return ()
+        return tuple(self.origin.headers() or ())
+
+    def as_message(self) -> Message[Any]:
+        return Message(self.value, self.out_key(), self.out_headers(), meta_of(self.origin))
+
+
+def meta_of(origin: Origin | None) -> MessageMeta | None:
+    if origin is None:
+        return None
+    kind, stamp = origin.timestamp()
+    return MessageMeta(
+        topic=origin.topic() or "",
+        partition=origin.partition() or 0,
+        offset=origin.offset() or 0,
+        key=origin.key(),
+        headers=tuple(origin.headers() or ()),
+        timestamp_ms=stamp if kind else None,
+    )
+
+
+class Failure(NamedTuple):
+    """An error envelope and the ack released once it is written."""
+
+    envelope: ErrorEnvelope
+    ack: Ack
+
+
+class Chunk:
+    """The unit of data between operators; see the module docstring."""
+
+    __slots__ = ("failures", "flush", "records", "worker")
+
+    def __init__(
+        self,
+        worker: int,
+        records: list[Rec],
+        failures: list[Failure],
+        flush: bool = False,
+    ) -> None:
+        self.worker = worker
+        self.records = records
+        self.failures = failures
+        self.flush = flush
+
+    def derive(self, records: list[Rec], failures: list[Failure]) -> Chunk:
+        return Chunk(self.worker, records, failures, self.flush)
+
+
+class Outbound(NamedTuple):
+    """Items ready for one sink with the ack to release for each, plus failures.
+
+    Sinks write ``items`` and release ``acks[i]`` once ``items[i]`` is safely
+    stored; the adapter routes ``failures`` to the error terminals.
+    """
+
+    items: list[Any]
+    acks: list[Ack]
+    failures: list[Failure]
+
+
+class OutRecord(NamedTuple):
+    """An encoded record for a topic: bytes, key, headers, and what it came from.
+
+    ``source`` is the record it was encoded from, used to build the error
+    envelope if the broker refuses it; dead letters have none.
+    """
+
+    key: bytes | None
+    value: bytes
+    headers: Headers
+    source: Rec | None = None
+
+
+_fallback_encoder = msgspec.json.Encoder(enc_hook=repr)
+
+
+def error_kind_of(exc: BaseException) -> ErrorKind:
+    return ErrorKind.BUSINESS if isinstance(exc, BusinessError) else ErrorKind.TASK
+
+
+def failures_for(
+    flow: str, node: str, kind: ErrorKind, rec: Rec, exc: BaseException | str
+) -> list[Failure]:
+    """Failures for ``rec``: one per input record when ``rec`` is a batch."""
+    if rec.members is not None:
+        return [_failure(flow, node, kind, member, exc) for member in rec.members]
+    return [_failure(flow, node, kind, rec, exc)]
+
+
+def _failure(flow: str, node: str, kind: ErrorKind, rec: Rec, exc: BaseException | str) -> Failure:
+    origin = rec.origin
+    if isinstance(exc, BaseException):
+        exc_type, message = type(exc).__qualname__, str(exc) or _last_frame(exc)
+    else:
+        exc_type, message = kind.name.title() + "Error", exc
+    if origin is not None:
+        headers = tuple(origin.headers() or ())
+        kind_ts, stamp = origin.timestamp()
+        envelope = ErrorEnvelope(
+            kind=kind,
+            flow=flow,
+            node=node,
+            exception_type=exc_type,
+            message=message,
+            topic=origin.topic(),
+            partition=origin.partition(),
+            offset=origin.offset(),
+            key=origin.key(),
+            headers=headers,
+            timestamp_ms=stamp if kind_ts else None,
+            value=origin.value(),
+            attempt=_attempt(headers),
+            occurred_at=datetime.now(UTC),
+        )
+    else:
+        envelope = ErrorEnvelope(
+            kind=kind,
+            flow=flow,
+            node=node,
+            exception_type=exc_type,
+            message=message,
+            topic=None,
+            partition=None,
+            offset=None,
+            key=rec.key,
+            headers=rec.headers or (),
+            timestamp_ms=None,
+            value=_best_effort_bytes(rec.value),
+            attempt=1,
+            occurred_at=datetime.now(UTC),
+        )
+    return Failure(envelope, rec.ack)
+
+
+def _attempt(headers: Sequence[tuple[str, bytes]]) -> int:
+    """1 for a first failure; a replayed dead letter carries its count along."""
+    for name, value in headers:
+        if name == ATTEMPT_HEADER:
+            try:
+                return int(value) + 1
+            except (TypeError, ValueError):
+                break
+    return 1
+
+
+def _best_effort_bytes(value: Any) -> bytes | None:
+    """A derived record has no original bytes; keep its JSON so nothing is lost."""
+    if isinstance(value, bytes):
+        return value
+    try:
+        return _fallback_encoder.encode(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _last_frame(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"raised at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""

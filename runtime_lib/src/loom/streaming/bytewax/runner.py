@@ -1,0 +1,358 @@
+"""StreamingRunner — production Bytewax runtime entry point for Loom flows."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+from bytewax.dataflow import Dataflow
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.recovery import RecoveryConfig
+from bytewax.run import cli_main
+from opentelemetry.trace import Status, StatusCode
+
+from loom.config.context import ConfigContext
+from loom.observability import ObservabilityRuntime, Scope
+from loom.streaming.bytewax.adapter import DataflowBuilder
+from loom.streaming.bytewax.bridge import AsyncBridge
+from loom.streaming.bytewax.runtime_config import BytewaxRecoverySettings, BytewaxRuntimeConfig
+from loom.streaming.bytewax.source import SourceSettings
+from loom.streaming.bytewax.state import RunState
+from loom.streaming.bytewax.transport import Transport
+from loom.streaming.compiler import compile_flow
+from loom.streaming.errors import ErrorEnvelope, ErrorKind
+from loom.streaming.nodes import StreamFlow
+from loom.streaming.plan import FlowPlan, NamedSinkPlan
+from loom.streaming.sinks import SinkRegistry
+
+__all__ = [
+    "BytewaxRecoverySettings",
+    "BytewaxRuntimeConfig",
+    "ErrorSink",
+    "StreamingRunner",
+]
+
+
+class ErrorSink(Protocol):
+    """Bytewax sink protocol for ErrorEnvelope items.
+
+    Any ``bytewax.outputs.DynamicSink`` whose partitions accept
+    :class:`ErrorEnvelope` items satisfies it.
+    """
+
+    def build(
+        self, step_id: str, worker_index: int, worker_count: int
+    ) -> StatelessSinkPartition[ErrorEnvelope]: ...
+
+
+class _PreparedStreamingRun(NamedTuple):
+    """Prepared Bytewax execution bundle."""
+
+    dataflow: Dataflow
+    shutdown: Callable[[], None]
+
+
+def _to_timedelta(value_ms: int | None) -> timedelta | None:
+    """Milliseconds as a ``timedelta``; ``None`` stays ``None``."""
+    return None if value_ms is None else timedelta(milliseconds=value_ms)
+
+
+def _recovery_config(recovery: BytewaxRecoverySettings | None) -> RecoveryConfig | None:
+    """Bytewax's ``RecoveryConfig`` for the settings, or ``None`` when disabled."""
+    if recovery is None:
+        return None
+    return RecoveryConfig(Path(recovery.db_dir), _to_timedelta(recovery.backup_interval_ms))
+
+
+def _runtime_kwargs(runtime: BytewaxRuntimeConfig) -> dict[str, Any]:
+    """Keyword arguments of ``bytewax.run.cli_main`` for ``runtime``."""
+    return {
+        "workers_per_process": runtime.workers_per_process,
+        "process_id": runtime.process_id,
+        "addresses": None if runtime.addresses is None else list(runtime.addresses),
+        "epoch_interval": _to_timedelta(runtime.epoch_interval_ms),
+        "recovery_config": _recovery_config(runtime.recovery),
+    }
+
+
+def _create_bridge(plan: FlowPlan, runtime: BytewaxRuntimeConfig) -> AsyncBridge | None:
+    """Create an AsyncBridge configured from runtime settings, or None if not needed."""
+    if not plan.has_async:
+        return None
+    bridge = AsyncBridge(
+        runtime.async_backend,
+        use_uvloop=runtime.use_uvloop,
+        force_shutdown_timeout_ms=runtime.force_shutdown_timeout_ms,
+    )
+    bridge.start()
+    return bridge
+
+
+def _prepare_run(
+    plan: FlowPlan,
+    *,
+    source: Transport,
+    sink: Transport,
+    error_sinks: Mapping[ErrorKind, DynamicSink[Any]] | None = None,
+    named_sinks: Mapping[str, DynamicSink[Any]] | None = None,
+    bridge: AsyncBridge | None = None,
+    settings: SourceSettings | None = None,
+    run_state: RunState | None = None,
+) -> _PreparedStreamingRun:
+    """Build the dataflow of ``plan`` on the given transports, plus its shutdown."""
+    run = run_state or RunState()
+    dataflow = DataflowBuilder(
+        plan,
+        source=source,
+        sink=sink,
+        named_sinks=named_sinks or {},
+        error_sinks=error_sinks or {},
+        bridge=bridge,
+        run=run,
+        settings=settings or SourceSettings(),
+    ).build()
+
+    def shutdown() -> None:
+        run.stop.set()
+        if bridge is not None:
+            bridge.close()
+
+    return _PreparedStreamingRun(dataflow, shutdown)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Turn SIGTERM/SIGINT into a graceful drain instead of an abort.
+
+    Only the main thread may install handlers; elsewhere this is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    for sig in previous:
+        signal.signal(sig, request_stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class StreamingRunner:
+    """Wire a StreamFlow declaration into the real Bytewax runtime.
+
+    :param _registry: Optional pre-built SinkRegistry for testing purposes.
+    """
+
+    def __init__(self, *, _registry: SinkRegistry | None = None) -> None:
+        self._registry = _registry if _registry is not None else SinkRegistry()
+        self._flow: StreamFlow[Any, Any] | None = None
+        self._config: ConfigContext | None = None
+        self._plan: FlowPlan | None = None
+        self._observability = ObservabilityRuntime()
+        self._transport: Transport | None = None
+        self._runtime_override: BytewaxRuntimeConfig | None = None
+        self._prepared: _PreparedStreamingRun | None = None
+        self._run_state: RunState | None = None
+
+    # -- construction -----------------------------------------------------
+
+    @classmethod
+    def from_context(
+        cls,
+        flow: StreamFlow[Any, Any],
+        *,
+        config: ConfigContext,
+        observability_runtime: ObservabilityRuntime | None = None,
+    ) -> StreamingRunner:
+        """Build a runner from a resolved config context."""
+        runner = cls()
+        runner._configure(flow, config)
+        if observability_runtime is not None:
+            runner._observability = observability_runtime
+        return runner
+
+    @classmethod
+    def from_yaml(
+        cls,
+        flow: StreamFlow[Any, Any],
+        path: str | Path,
+        *,
+        observability_runtime: ObservabilityRuntime | None = None,
+    ) -> StreamingRunner:
+        """Load config from YAML and build a runner."""
+        config = ConfigContext.from_yaml(path)
+        return cls.from_context(flow, config=config, observability_runtime=observability_runtime)
+
+    @classmethod
+    def from_dict(
+        cls,
+        flow: StreamFlow[Any, Any],
+        config: Mapping[str, Any],
+        *,
+        observability_runtime: ObservabilityRuntime | None = None,
+    ) -> StreamingRunner:
+        """Build a runner from a plain Python config mapping."""
+        context = ConfigContext.from_dict(config)
+        return cls.from_context(flow, config=context, observability_runtime=observability_runtime)
+
+    def _configure(self, flow: StreamFlow[Any, Any], config: ConfigContext) -> None:
+        self._plan = compile_flow(flow, config)
+        self._flow = flow
+        self._config = config
+
+    def _use_transport(self, transport: Transport) -> None:
+        """Replace the Kafka transport (``loom.streaming.testing`` uses this)."""
+        self._transport = transport
+
+    @property
+    def plan(self) -> FlowPlan:
+        if self._plan is None:
+            raise RuntimeError("the runner has no flow; build it with from_context/from_yaml")
+        return self._plan
+
+    @property
+    def config(self) -> ConfigContext:
+        if self._config is None:
+            raise RuntimeError("the runner has no config; build it with from_context/from_yaml")
+        return self._config
+
+    def register_sink(self, sink_class: type) -> None:
+        """Register a sink class to be resolved from YAML config at run time.
+
+        :raises TypeError: If sink_class does not implement RegisteredSink.
+        """
+        self._registry.register(sink_class)
+
+    # -- execution --------------------------------------------------------
+
+    def build_dataflow(self) -> Dataflow:
+        """Assemble the Bytewax Dataflow and keep shutdown state."""
+        return self.prepare_run().dataflow
+
+    def prepare_run(
+        self, *, error_sinks: Mapping[ErrorKind, ErrorSink] | None = None
+    ) -> _PreparedStreamingRun:
+        """Prepare one executable dataflow and its shutdown callable.
+
+        Releases any resources from a previous ``prepare_run()`` call first,
+        so calling it twice is safe. ``error_sinks`` override the plan's error
+        routes for their kinds.
+        """
+        self.shutdown()
+        plan = self.plan
+        runtime = self._runtime()
+        named_sinks = {
+            terminal.name: self._registry.build(terminal.sink_type, terminal.options)
+            for terminal in plan.sink_terminals()
+            if isinstance(terminal, NamedSinkPlan)
+        }
+        transport = self._transport or self._kafka_transport()
+        bridge = _create_bridge(plan, runtime)
+        run_state = RunState()
+        try:
+            prepared = _prepare_run(
+                plan,
+                source=transport,
+                sink=transport,
+                error_sinks=dict(error_sinks or {}),  # type: ignore[arg-type]
+                named_sinks=named_sinks,
+                bridge=bridge,
+                settings=self._source_settings(runtime),
+                run_state=run_state,
+            )
+        except BaseException:
+            if bridge is not None:
+                bridge.close()
+            raise
+        self._prepared, self._run_state = prepared, run_state
+        return prepared
+
+    def run(
+        self,
+        *,
+        flow: StreamFlow[Any, Any] | None = None,
+        config: ConfigContext | None = None,
+        config_path: str | Path | None = None,
+        error_sinks: Mapping[ErrorKind, Any] | None = None,
+        runtime: BytewaxRuntimeConfig | None = None,
+    ) -> None:
+        """Execute the compiled dataflow with the real Bytewax runtime.
+
+        Emits ``Scope.POLL_CYCLE`` around the full invocation (including
+        preparation) and ``Scope.FLOW`` around the blocking ``cli_main`` call.
+        """
+        tracer = self._observability.tracer
+        name = (flow or self._flow).name if (flow or self._flow) else "unconfigured"
+        with tracer.start_as_current_span(
+            f"{Scope.POLL_CYCLE.value} {name}",
+            attributes={"loom.scope": Scope.POLL_CYCLE.value, "loom.flow": name},
+            record_exception=True,
+            set_status_on_exception=True,
+        ) as cycle:
+            if config_path is not None:
+                config = ConfigContext.from_yaml(config_path)
+            if flow is not None or config is not None:
+                self._configure(flow or self._require_flow(), config or self.config)
+            self._runtime_override = runtime
+            try:
+                prepared = self.prepare_run(error_sinks=error_sinks)
+                assert self._run_state is not None
+                cycle.set_attribute("loom.node_count", self.plan.node_count)
+                self._execute(prepared, self._runtime(), self._run_state)
+            finally:
+                self._runtime_override = None
+                self.shutdown()
+
+    def _execute(
+        self, prepared: _PreparedStreamingRun, runtime: BytewaxRuntimeConfig, run: RunState
+    ) -> None:
+        tracer = self._observability.tracer
+        name = self.plan.name
+        with tracer.start_as_current_span(
+            f"{Scope.FLOW.value} {name}",
+            attributes={
+                "loom.scope": Scope.FLOW.value,
+                "loom.flow": name,
+                "loom.node_count": self.plan.node_count,
+                "loom.workers_per_process": runtime.workers_per_process,
+            },
+            record_exception=True,
+            set_status_on_exception=True,
+        ) as span:
+            with _stop_on_signals(run.stop):
+                cli_main(prepared.dataflow, **_runtime_kwargs(runtime))
+            span.set_status(Status(StatusCode.OK))
+
+    def shutdown(self) -> None:
+        """Release adapter resources after a run or failed build."""
+        prepared, self._prepared, self._run_state = self._prepared, None, None
+        if prepared is not None:
+            prepared.shutdown()
+
+    # -- helpers ----------------------------------------------------------
+
+    def _require_flow(self) -> StreamFlow[Any, Any]:
+        if self._flow is None:
+            raise RuntimeError("the runner has no flow; pass flow= or build it with from_context")
+        return self._flow
+
+    def _runtime(self) -> BytewaxRuntimeConfig:
+        return self._runtime_override or self.config.runtime
+
+    def _source_settings(self, runtime: BytewaxRuntimeConfig) -> SourceSettings:
+        timeout_ms = runtime.force_shutdown_timeout_ms
+        return SourceSettings(drain_timeout_s=None if timeout_ms is None else timeout_ms / 1000)
+
+    def _kafka_transport(self) -> Transport:
+        raise NotImplementedError("the Kafka transport is not available yet")

@@ -1,0 +1,162 @@
+"""The flow's Bytewax source: polls the transport, decodes, and commits offsets.
+
+This is where offsets are committed. Each worker's partition tracks an ack
+per consumed offset (:mod:`loom.streaming.bytewax.acks`) and, at most once
+per ``commit_interval_s``, commits the finished prefix of every partition.
+On finite input or a stop request it *drains*: stops reading, flushes
+buffering operators, waits until every consumed record is finished (or the
+drain timeout passes), commits, and ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
+
+from loom.streaming.bytewax.records import Chunk, Failure, Rec, failures_for
+from loom.streaming.bytewax.state import RunState, WorkerState
+from loom.streaming.bytewax.transport import Transport, TransportReader
+from loom.streaming.errors import ErrorKind
+from loom.streaming.plan import FlowPlan
+
+logger = logging.getLogger("loom.streaming.source")
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """How the source polls, commits and drains."""
+
+    max_poll_records: int = 5000
+    """Records taken per poll (one chunk)."""
+    max_in_flight: int = 100_000
+    """Consumed-but-unfinished records per worker before polling pauses."""
+    commit_interval_s: float = 1.0
+    """Minimum time between two commits of a worker."""
+    drain_timeout_s: float | None = None
+    """How long a drain waits for in-flight records; None waits for all."""
+
+
+class FlowSource(DynamicSource[Chunk]):
+    """One reader per Bytewax worker; the transport decides which partitions it gets."""
+
+    def __init__(
+        self, plan: FlowPlan, transport: Transport, run: RunState, settings: SourceSettings
+    ) -> None:
+        self.plan = plan
+        self.transport = transport
+        self.run = run
+        self.settings = settings
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> FlowSourcePartition:
+        reader = self.transport.reader(self.plan.source.binding, worker_index, worker_count)
+        return FlowSourcePartition(self, reader, self.run.worker(worker_index))
+
+
+class FlowSourcePartition(StatelessSourcePartition[Chunk]):
+    def __init__(self, source: FlowSource, reader: TransportReader, worker: WorkerState) -> None:
+        self.flow = source.plan.name
+        self.node = source.plan.source.node_id
+        self.decode = source.plan.source.binding.codec.decode
+        self.settings = source.settings
+        self.stop = source.run.stop
+        self.reader = reader
+        self.worker = worker
+        self.tick_s = (source.plan.tick_interval_ms or 5) / 1000
+        self._next_commit = time.monotonic() + self.settings.commit_interval_s
+        self._drain_deadline: float | None = None
+        self._draining = False
+        self._idle = False
+
+    # -- Bytewax API ------------------------------------------------------
+
+    def next_batch(self) -> list[Chunk]:
+        worker = self.worker
+        worker.poll_writers()
+        if not self._draining and (self.stop.is_set() or self.reader.exhausted()):
+            self._start_drain()
+        if self._draining:
+            return self._drain_step()
+        progress = worker.progress
+        records: list[Rec] = []
+        failures = worker.take_late_failures()
+        if progress.in_flight < self.settings.max_in_flight:
+            records, decode_failures = self._decode(
+                self.reader.poll(self.settings.max_poll_records)
+            )
+            failures += decode_failures
+        self._commit_if_due(time.monotonic())
+        self._idle = not records and not failures
+        if self._idle and progress.in_flight == 0:
+            return []
+        return [Chunk(worker.index, records, failures)]
+
+    def next_awake(self) -> datetime | None:
+        if self._draining or (self._idle and self.worker.progress.in_flight):
+            return datetime.now(UTC) + timedelta(seconds=self.tick_s)
+        return None
+
+    def close(self) -> None:
+        self.reader.close()
+
+    # -- internals --------------------------------------------------------
+
+    def _decode(self, origins: list[Any]) -> tuple[list[Rec], list[Failure]]:
+        decode, progress = self.decode, self.worker.progress
+        records: list[Rec] = []
+        failures: list[Failure] = []
+        tracked: dict[int, Any] = {}
+        for origin in origins:
+            partition = origin.partition()
+            track = tracked.get(partition)
+            if track is None:
+                track = tracked[partition] = progress.partition(partition).track
+            rec = Rec(None, origin, track(origin.offset()))
+            raw = origin.value()
+            if raw is None:
+                failures += failures_for(
+                    self.flow, self.node, ErrorKind.WIRE, rec, "tombstone: the record has no value"
+                )
+                continue
+            try:
+                rec.value = decode(raw)
+            except Exception as exc:
+                failures += failures_for(self.flow, self.node, ErrorKind.WIRE, rec, exc)
+                continue
+            records.append(rec)
+        return records, failures
+
+    def _commit_if_due(self, now: float) -> None:
+        if now >= self._next_commit:
+            self._next_commit = now + self.settings.commit_interval_s
+            self._commit()
+
+    def _commit(self) -> None:
+        offsets = self.worker.progress.committable()
+        if offsets:
+            self.reader.commit(offsets)
+
+    def _start_drain(self) -> None:
+        self._draining = True
+        timeout = self.settings.drain_timeout_s
+        self._drain_deadline = None if timeout is None else time.monotonic() + timeout
+
+    def _drain_step(self) -> list[Chunk]:
+        self._commit()
+        late = self.worker.take_late_failures()
+        in_flight = self.worker.progress.in_flight
+        if in_flight == 0 and not late:
+            raise StopIteration
+        deadline = self._drain_deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            logger.warning(
+                "stopping with %d records unfinished after the drain timeout; "
+                "they stay uncommitted and will be read again",
+                in_flight,
+            )
+            raise StopIteration
+        return [Chunk(self.worker.index, [], late, flush=True)]

@@ -1,0 +1,54 @@
+"""Per-run and per-worker state shared by the source and the sinks of a worker."""
+
+from __future__ import annotations
+
+import threading
+
+from loom.streaming.bytewax.acks import WorkerProgress
+from loom.streaming.bytewax.records import Failure
+from loom.streaming.bytewax.transport import TransportWriter
+
+
+class WorkerState:
+    """What one Bytewax worker's source and sinks share.
+
+    Only that worker's thread touches it, except ``RunState.stop``.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.progress = WorkerProgress()
+        self.writers: list[TransportWriter] = []
+        self._late: list[Failure] = []
+
+    def report(self, failures: list[Failure]) -> None:
+        """Failures found outside the operators (refused deliveries)."""
+        self._late.extend(failures)
+
+    def take_late_failures(self) -> list[Failure]:
+        late, self._late = self._late, []
+        return late
+
+    def poll_writers(self) -> None:
+        for writer in self.writers:
+            writer.poll()
+
+
+class RunState:
+    """State of one prepared run: its workers and the stop request."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._workers: dict[int, WorkerState] = {}
+        self._lock = threading.Lock()
+
+    def worker(self, index: int) -> WorkerState:
+        with self._lock:
+            state = self._workers.get(index)
+            if state is None:
+                state = self._workers[index] = WorkerState(index)
+            return state
+
+    def workers(self) -> list[WorkerState]:
+        with self._lock:
+            return list(self._workers.values())

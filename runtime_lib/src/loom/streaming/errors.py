@@ -1,0 +1,76 @@
+"""Error kinds, the dead-letter envelope and the exceptions Loom raises."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from datetime import datetime
+
+import msgspec
+
+from loom.streaming.message import Headers
+
+
+class ErrorKind(enum.StrEnum):
+    """Why a record left the happy path.
+
+    Each kind is routed independently (``StreamFlow(errors=...)``), so a team
+    can, say, dead-letter ``WIRE`` errors but alert on ``DELIVERY``.
+    """
+
+    WIRE = "wire"
+    """The bytes could not be decoded or did not validate as the payload type."""
+    TASK = "task"
+    """A step raised an exception."""
+    BUSINESS = "business"
+    """A step raised :class:`BusinessError`: the record is valid but refused."""
+    ROUTING = "routing"
+    """A router matched no route and has no default."""
+    DELIVERY = "delivery"
+    """The broker refused an output record permanently."""
+    TIMEOUT = "timeout"
+    """An async step exceeded its ``timeout_ms``."""
+
+
+class BusinessError(Exception):
+    """Raise from a step to reject a record for a domain reason.
+
+    Routed as :attr:`ErrorKind.BUSINESS` instead of ``TASK``, so expected
+    refusals ("unknown customer") are told apart from bugs.
+    """
+
+
+class ErrorEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything needed to understand and replay a failed record.
+
+    Written to a dead-letter topic as JSON; ``value`` and ``key`` hold the
+    original bytes untouched (base64 in JSON), so a replay re-produces exactly
+    what was consumed.
+    """
+
+    kind: ErrorKind
+    flow: str
+    node: str
+    exception_type: str
+    message: str
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    key: bytes | None
+    headers: Headers
+    timestamp_ms: int | None
+    value: bytes | None
+    attempt: int
+    occurred_at: datetime
+
+
+class FlowValidationError(ValueError):
+    """A flow declaration cannot run; ``problems`` lists every reason at once."""
+
+    def __init__(self, flow_name: str, problems: Sequence[str]) -> None:
+        self.flow_name = flow_name
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(f"flow {flow_name!r} is invalid ({count} {noun}):\n{lines}")

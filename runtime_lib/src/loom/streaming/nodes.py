@@ -1,0 +1,207 @@
+"""Declarations of a streaming flow.
+
+Everything here is a plain, immutable description: constructing a node does no
+I/O and runs no user code. :func:`loom.streaming.compile_flow` validates a
+whole :class:`StreamFlow` and turns it into an executable plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeAlias, TypeVar
+
+from loom.streaming.errors import ErrorKind
+
+InT = TypeVar("InT")
+OutT = TypeVar("OutT")
+T = TypeVar("T")
+
+CodecName: TypeAlias = Literal["json", "msgpack", "raw"]
+
+
+@dataclass(frozen=True)
+class FromTopic(Generic[T]):
+    """Consume a topic, decoding each value into ``payload``.
+
+    ``topic`` is a *logical* name bound to a physical topic by the config
+    (``topics.<name>`` / ``LOOM_TOPICS__<NAME>``), so one flow runs unchanged
+    in every environment. Values that fail to decode or validate become
+    ``WIRE`` errors carrying the original bytes.
+    """
+
+    topic: str
+    payload: type[T] | None = None
+    codec: CodecName = "json"
+
+
+@dataclass(frozen=True)
+class IntoTopic(Generic[T]):
+    """Produce records to a topic; a terminal node.
+
+    With ``payload`` set, a record of another type is a ``TASK`` error instead
+    of being written, so a step that forgets to transform its input cannot
+    leak input-shaped records downstream.
+    """
+
+    topic: str
+    payload: type[T] | None = None
+    codec: CodecName = "json"
+
+
+@dataclass(frozen=True)
+class IntoSink:
+    """Write records to a sink registered with ``StreamingRunner.register_sink``.
+
+    ``sink`` names an entry under ``streaming.sinks`` in the config, which
+    gives the registered sink type and its options.
+    """
+
+    sink: str
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Deliberately discard records; they count as finished for commits."""
+
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordStep:
+    """Apply ``fn`` to each record: ``T -> U``; returning ``None`` drops it."""
+
+    fn: Callable[..., Any]
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class ExpandStep:
+    """Apply ``fn`` to each record: ``T -> Iterable[U]`` (zero or more outputs)."""
+
+    fn: Callable[..., Iterable[Any]]
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class CollectBatch:
+    """Group records into lists of up to ``max_records``.
+
+    A batch is emitted when it is full or ``timeout_ms`` after its first
+    record arrived, whichever comes first, also when the stream goes idle.
+    Must be followed by a :class:`BatchStep` or a :class:`WithAsync`.
+    """
+
+    max_records: int
+    timeout_ms: int
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchStep:
+    """Apply ``fn`` to a batch from :class:`CollectBatch`: ``list[T] -> Iterable[U]``."""
+
+    fn: Callable[..., Iterable[Any]]
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class WithAsync:
+    """Run an ``async def`` step with up to ``max_concurrency`` records in flight.
+
+    ``fn`` is an async function (used like a :class:`RecordStep`) or a
+    ``RecordStep``/``ExpandStep``/``BatchStep`` wrapping one. A call that takes
+    longer than ``timeout_ms`` becomes a ``TIMEOUT`` error.
+    """
+
+    fn: Callable[..., Any] | RecordStep | ExpandStep | BatchStep
+    max_concurrency: int = 100
+    timeout_ms: int | None = None
+    name: str | None = None
+
+
+Terminal: TypeAlias = IntoTopic[Any] | IntoSink | Drain
+
+
+@dataclass(frozen=True)
+class Route:
+    """One branch of a :class:`Router`: records for which ``when`` is true go ``to``."""
+
+    when: Callable[[Any], bool]
+    to: Terminal | Process
+
+
+class Router:
+    """Send each record down the first route whose predicate matches.
+
+    A record matching no route goes to ``default``; without a default it is a
+    ``ROUTING`` error, never passed through. A router ends its process: every
+    branch ends in its own terminal.
+    """
+
+    __slots__ = ("default", "name", "routes")
+
+    def __init__(
+        self,
+        *routes: Route,
+        default: Terminal | Process | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.routes = routes
+        self.default = default
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Router({len(self.routes)} routes, default={self.default!r})"
+
+
+Node: TypeAlias = (
+    RecordStep | ExpandStep | CollectBatch | BatchStep | WithAsync | Router | Terminal
+)
+
+
+class Process:
+    """An ordered chain of nodes; only the last may be a terminal or a router."""
+
+    __slots__ = ("nodes",)
+
+    def __init__(self, *nodes: Node) -> None:
+        self.nodes = nodes
+
+    def __repr__(self) -> str:
+        return f"Process({', '.join(type(node).__name__ for node in self.nodes)})"
+
+
+ErrorRoutes: TypeAlias = Terminal | Mapping[ErrorKind | tuple[ErrorKind, ...], Terminal]
+
+
+@dataclass(frozen=True, init=False)
+class StreamFlow(Generic[InT, OutT]):
+    """A complete flow: one source, a process, and where results and errors go.
+
+    ``output`` is appended as the terminal of ``process`` when given.
+    ``errors`` is one terminal for every error kind, or a mapping from a kind
+    (or a tuple of kinds) to a terminal. Every kind must have a route: use
+    ``Drain()`` to discard a kind on purpose.
+    """
+
+    name: str
+    source: FromTopic[InT]
+    process: Process
+    output: IntoTopic[OutT] | None
+    errors: ErrorRoutes | None = field(default=None)
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        source: FromTopic[InT],
+        process: Process,
+        output: IntoTopic[OutT] | None = None,
+        errors: ErrorRoutes | None = None,
+    ) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "process", process)
+        object.__setattr__(self, "output", output)
+        object.__setattr__(self, "errors", errors)

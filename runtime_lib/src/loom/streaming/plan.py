@@ -1,0 +1,164 @@
+"""The compiled, validated form of a flow that the Bytewax adapter executes.
+
+A plan is a tree: a :class:`BranchPlan` is a chain of steps ending in a
+terminal or a router, and each router route holds another branch. Every node
+has a unique ``node_id`` that is also a valid Bytewax step id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+from loom.streaming.codecs import Codec
+from loom.streaming.errors import ErrorKind
+
+
+@dataclass(frozen=True)
+class TopicBinding:
+    """A logical topic of the flow bound to a physical topic and a codec."""
+
+    logical: str
+    physical: str
+    codec: Codec
+    payload_type: Any
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    node_id: str
+    binding: TopicBinding
+
+
+StepKind = Literal["record", "expand", "batch"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A synchronous user function applied per record (or per batch)."""
+
+    node_id: str
+    kind: StepKind
+    fn: Callable[..., Any]
+    takes_message: bool
+
+
+@dataclass(frozen=True)
+class CollectPlan:
+    node_id: str
+    max_records: int
+    timeout_ms: int
+
+
+@dataclass(frozen=True)
+class AsyncPlan:
+    """An async user function run on the AsyncBridge with bounded concurrency."""
+
+    node_id: str
+    kind: StepKind
+    fn: Callable[..., Any]
+    takes_message: bool
+    max_concurrency: int
+    timeout_ms: int | None
+
+
+@dataclass(frozen=True)
+class TopicSinkPlan:
+    node_id: str
+    binding: TopicBinding
+
+
+@dataclass(frozen=True)
+class NamedSinkPlan:
+    """A sink resolved at run time from ``streaming.sinks.<name>``."""
+
+    node_id: str
+    name: str
+    sink_type: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DrainPlan:
+    node_id: str
+
+
+TerminalPlan: TypeAlias = TopicSinkPlan | NamedSinkPlan | DrainPlan
+ChainPlan: TypeAlias = StepPlan | CollectPlan | AsyncPlan
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    predicate: Callable[[Any], bool]
+    branch: BranchPlan
+
+
+@dataclass(frozen=True)
+class RouterPlan:
+    node_id: str
+    routes: tuple[RoutePlan, ...]
+    default: BranchPlan | None
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    steps: tuple[ChainPlan, ...]
+    end: TerminalPlan | RouterPlan
+
+    def terminals(self) -> Iterator[TerminalPlan]:
+        """Every terminal reachable from this branch, depth first."""
+        if isinstance(self.end, RouterPlan):
+            for route in self.end.routes:
+                yield from route.branch.terminals()
+            if self.end.default is not None:
+                yield from self.end.default.terminals()
+        else:
+            yield self.end
+
+    def chain_nodes(self) -> Iterator[ChainPlan]:
+        """Every step in this branch and the branches below it."""
+        yield from self.steps
+        if isinstance(self.end, RouterPlan):
+            for route in self.end.routes:
+                yield from route.branch.chain_nodes()
+            if self.end.default is not None:
+                yield from self.end.default.chain_nodes()
+
+
+@dataclass(frozen=True)
+class FlowPlan:
+    """A flow ready to execute: validated, bound to topics, ids assigned."""
+
+    name: str
+    source: SourcePlan
+    root: BranchPlan
+    error_routes: dict[ErrorKind, TerminalPlan]
+    node_count: int
+
+    @property
+    def has_async(self) -> bool:
+        return any(isinstance(node, AsyncPlan) for node in self.root.chain_nodes())
+
+    @property
+    def tick_interval_ms(self) -> int | None:
+        """How often idle workers must wake buffered nodes, or None if never.
+
+        Collect timeouts need a wake-up well inside their window; async steps
+        need one to hand back finished results while no input arrives.
+        """
+        intervals = [
+            max(1, node.timeout_ms // 4)
+            for node in self.root.chain_nodes()
+            if isinstance(node, CollectPlan)
+        ]
+        if self.has_async:
+            intervals.append(5)
+        return min(intervals) if intervals else None
+
+    def sink_terminals(self) -> list[TerminalPlan]:
+        """Terminals of records and of errors, each once."""
+        seen: dict[str, TerminalPlan] = {}
+        for terminal in [*self.root.terminals(), *self.error_routes.values()]:
+            seen.setdefault(terminal.node_id, terminal)
+        return list(seen.values())

@@ -1,0 +1,323 @@
+"""Run a flow on the real Bytewax runtime with in-memory topics instead of Kafka.
+
+Only the transport is swapped: the flow is compiled, built into a Bytewax
+dataflow and executed by ``cli_main`` through ``StreamingRunner.run``, with
+the same acks and commits as in production. Inputs are finite, so the run
+drains and returns when every record is finished::
+
+    tester = TestRunner(flow)
+    tester.send(Order(id="a", amount=3))
+    tester.send(b"not json")
+    result = tester.run()
+    assert result.values("output", EnrichedOrder) == [...]
+    assert result.dead_letters("dlq")[0].kind is ErrorKind.WIRE
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+
+from loom.config.context import ConfigContext
+from loom.observability import ObservabilityRuntime
+from loom.streaming.bytewax.acks import Ack
+from loom.streaming.bytewax.records import OutRecord
+from loom.streaming.bytewax.runner import BytewaxRuntimeConfig, StreamingRunner
+from loom.streaming.bytewax.transport import FailureReport
+from loom.streaming.codecs import build_codec
+from loom.streaming.errors import ErrorEnvelope
+from loom.streaming.message import Headers
+from loom.streaming.nodes import FromTopic, IntoTopic, Process, Router, StreamFlow
+from loom.streaming.plan import TopicBinding
+
+T = TypeVar("T")
+
+__all__ = ["MemoryBroker", "MemoryRecord", "RunResult", "TestRunner"]
+
+
+@dataclass(frozen=True)
+class MemoryRecord:
+    """A stored record, readable through the same methods as a Kafka message."""
+
+    topic_name: str
+    partition_id: int
+    offset_id: int
+    key_bytes: bytes | None
+    value_bytes: bytes | None
+    header_list: Headers = ()
+    timestamp_ms: int = 0
+
+    def topic(self) -> str:
+        return self.topic_name
+
+    def partition(self) -> int:
+        return self.partition_id
+
+    def offset(self) -> int:
+        return self.offset_id
+
+    def key(self) -> bytes | None:
+        return self.key_bytes
+
+    def value(self) -> bytes | None:
+        return self.value_bytes
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return list(self.header_list)
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self.timestamp_ms)
+
+
+class MemoryBroker:
+    """Partitioned in-memory topics and committed offsets; thread-safe."""
+
+    def __init__(self, partitions: int = 1) -> None:
+        self.partitions = partitions
+        self._topics: dict[str, list[list[MemoryRecord]]] = {}
+        self._committed: dict[str, dict[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def _topic(self, topic: str) -> list[list[MemoryRecord]]:
+        if topic not in self._topics:
+            self._topics[topic] = [[] for _ in range(self.partitions)]
+        return self._topics[topic]
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+        partition: int | None = None,
+    ) -> MemoryRecord:
+        """Append a record; without ``partition`` the key (or round robin) chooses."""
+        with self._lock:
+            parts = self._topic(topic)
+            if partition is None:
+                total = sum(map(len, parts))
+                partition = (zlib.crc32(key) if key is not None else total) % len(parts)
+            log = parts[partition]
+            record = MemoryRecord(topic, partition, len(log), key, value, tuple(headers))
+            log.append(record)
+            return record
+
+    def records(self, topic: str) -> list[MemoryRecord]:
+        """Every record of ``topic``, partition by partition."""
+        with self._lock:
+            return [record for part in self._topic(topic) for record in part]
+
+    def partition_records(self, topic: str, partition: int) -> list[MemoryRecord]:
+        with self._lock:
+            return list(self._topic(topic)[partition])
+
+    def commit(self, topic: str, offsets: Mapping[int, int]) -> None:
+        with self._lock:
+            self._committed.setdefault(topic, {}).update(offsets)
+
+    def committed(self, topic: str) -> dict[int, int]:
+        with self._lock:
+            return dict(self._committed.get(topic, {}))
+
+
+class MemoryReader:
+    """Reads the partitions ``p`` with ``p % worker_count == worker_index``."""
+
+    def __init__(self, broker: MemoryBroker, topic: str, worker_index: int, worker_count: int):
+        self.broker = broker
+        self.topic = topic
+        committed = broker.committed(topic)
+        self.positions = {
+            p: committed.get(p, 0)
+            for p in range(broker.partitions)
+            if p % worker_count == worker_index
+        }
+        self.commits: list[dict[int, int]] = []
+
+    def poll(self, max_records: int) -> list[MemoryRecord]:
+        batch: list[MemoryRecord] = []
+        for partition, position in self.positions.items():
+            if len(batch) >= max_records:
+                break
+            log = self.broker.partition_records(self.topic, partition)
+            taken = log[position : position + max_records - len(batch)]
+            self.positions[partition] = position + len(taken)
+            batch += taken
+        return batch
+
+    def commit(self, offsets: Mapping[int, int]) -> None:
+        self.commits.append(dict(offsets))
+        self.broker.commit(self.topic, offsets)
+
+    def exhausted(self) -> bool:
+        return all(
+            position >= len(self.broker.partition_records(self.topic, partition))
+            for partition, position in self.positions.items()
+        )
+
+    def close(self) -> None:
+        return None
+
+
+class MemoryWriter:
+    """Appends to the broker; an append is a delivery, so acks release at once."""
+
+    def __init__(self, broker: MemoryBroker, topic: str) -> None:
+        self.broker = broker
+        self.topic = topic
+
+    def write(self, records: list[OutRecord], acks: list[Ack]) -> None:
+        for record, ack in zip(records, acks, strict=True):
+            self.broker.produce(self.topic, record.value, key=record.key, headers=record.headers)
+            ack.release()
+
+    def poll(self) -> None:
+        return None
+
+    def flush(self, timeout_s: float) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class MemoryTransport:
+    """The in-memory stand-in for the Kafka transport."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+        self.readers: list[MemoryReader] = []
+
+    def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> MemoryReader:
+        reader = MemoryReader(self.broker, binding.physical, worker_index, worker_count)
+        self.readers.append(reader)
+        return reader
+
+    def writer(self, binding: TopicBinding, worker_index: int, report: FailureReport) -> MemoryWriter:
+        return MemoryWriter(self.broker, binding.physical)
+
+
+@dataclass
+class RunResult:
+    """What a test run left in the broker."""
+
+    broker: MemoryBroker
+    config: ConfigContext
+    commits: list[dict[int, int]] = field(default_factory=list)
+    """Every commit call of every worker, in order (to check batching)."""
+
+    def physical(self, topic: str) -> str:
+        return self.config.topics.get(topic, topic)
+
+    def records(self, topic: str) -> list[MemoryRecord]:
+        """Records of a logical topic, partition by partition."""
+        return self.broker.records(self.physical(topic))
+
+    def values(self, topic: str, payload: type[T] | None = None) -> list[Any]:
+        """Decoded JSON values of a logical topic (as ``payload`` if given)."""
+        decoder = msgspec.json.Decoder(payload) if payload is not None else msgspec.json.Decoder()
+        return [decoder.decode(r.value_bytes or b"null") for r in self.records(topic)]
+
+    def dead_letters(self, topic: str) -> list[ErrorEnvelope]:
+        """Error envelopes written to a logical dead-letter topic."""
+        decoder = msgspec.json.Decoder(ErrorEnvelope)
+        return [decoder.decode(r.value_bytes or b"") for r in self.records(topic)]
+
+    def committed(self, topic: str) -> dict[int, int]:
+        """Committed offsets of the flow's input topic."""
+        return self.broker.committed(self.physical(topic))
+
+
+def _logical_topics(flow: StreamFlow[Any, Any]) -> set[str]:
+    topics = {flow.source.topic}
+    pending: list[Any] = [*flow.process.nodes, flow.output]
+    errors = flow.errors
+    pending += list(errors.values()) if isinstance(errors, Mapping) else [errors]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, IntoTopic | FromTopic):
+            topics.add(node.topic)
+        elif isinstance(node, Process):
+            pending += node.nodes
+        elif isinstance(node, Router):
+            pending += [route.to for route in node.routes] + [node.default]
+    return topics
+
+
+class TestRunner:
+    """Feed a flow in-memory records and run it to completion on Bytewax.
+
+    Logical topics are bound to physical topics of the same name unless
+    ``config`` binds them.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        flow: StreamFlow[Any, Any],
+        *,
+        config: ConfigContext | Mapping[str, Any] | None = None,
+        partitions: int = 1,
+        broker: MemoryBroker | None = None,
+        observability_runtime: ObservabilityRuntime | None = None,
+    ) -> None:
+        if not isinstance(config, ConfigContext):
+            data = dict(config or {})
+            data["topics"] = {
+                **{t: t for t in _logical_topics(flow)},
+                **data.get("topics", {}),
+            }
+            config = ConfigContext.from_dict(data)
+        self.config = config
+        self.flow = flow
+        self.broker = broker or MemoryBroker(partitions)
+        self.runner = StreamingRunner.from_context(
+            flow, config=config, observability_runtime=observability_runtime
+        )
+        self._encode = build_codec(flow.source.codec, flow.source.payload).encode
+
+    @property
+    def input_topic(self) -> str:
+        return self.config.topics[self.flow.source.topic]
+
+    def send(
+        self,
+        value: Any,
+        *,
+        key: bytes | str | None = None,
+        headers: Iterable[tuple[str, bytes]] = (),
+        partition: int | None = None,
+    ) -> MemoryRecord:
+        """Add an input record; ``bytes`` are sent as is, anything else encoded.
+
+        ``value=None`` sends a tombstone.
+        """
+        data = value if value is None or isinstance(value, bytes) else self._encode(value)
+        raw_key = key.encode() if isinstance(key, str) else key
+        return self.broker.produce(
+            self.input_topic, data, key=raw_key, headers=tuple(headers), partition=partition
+        )
+
+    def send_all(self, values: Iterable[Any]) -> None:
+        for value in values:
+            self.send(value)
+
+    def run(
+        self,
+        *,
+        runtime: BytewaxRuntimeConfig | None = None,
+        error_sinks: Mapping[Any, Any] | None = None,
+    ) -> RunResult:
+        """Run until every sent record is finished; return what was written."""
+        transport = MemoryTransport(self.broker)
+        self.runner._use_transport(transport)
+        self.runner.run(runtime=runtime, error_sinks=error_sinks)
+        commits = [commit for reader in transport.readers for commit in reader.commits]
+        return RunResult(self.broker, self.config, commits)
