@@ -166,10 +166,13 @@ class _Compiler:
             self.problem(f"{where}: {_name(fn)} must take the record as its first argument")
             return None
         accepts = hints.get(params[0].name, UNKNOWN)
-        takes_message = accepts is Message or typing.get_origin(accepts) is Message
+        element = _element_type(accepts, None)
+        if _is_message(element):
+            batch_of = types.GenericAlias(list, (_unwrap_message(element),))
+            return _Signature(is_async, True, batch_of, hints.get("return", UNKNOWN))
+        takes_message = _is_message(accepts)
         if takes_message:
-            args = typing.get_args(accepts)
-            accepts = args[0] if args else UNKNOWN
+            accepts = _unwrap_message(accepts)
         return _Signature(is_async, takes_message, accepts, hints.get("return", UNKNOWN))
 
     def check_type(self, stream: _Stream, expected: Any, where: str) -> None:
@@ -404,6 +407,10 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+def _is_message(tp: Any) -> bool:
+    return tp is Message or typing.get_origin(tp) is Message
+
+
 def _unwrap_message(tp: Any) -> Any:
     if tp is Message:
         return UNKNOWN
@@ -418,4 +425,3 @@ def _element_type(tp: Any, default: Any) -> Any:
         args = typing.get_args(tp)
         return args[0] if args else default
     return default
-

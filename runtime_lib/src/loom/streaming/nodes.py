@@ -155,9 +155,7 @@ class Router:
         return f"Router({len(self.routes)} routes, default={self.default!r})"
 
 
-Node: TypeAlias = (
-    RecordStep | ExpandStep | CollectBatch | BatchStep | WithAsync | Router | Terminal
-)
+Node: TypeAlias = RecordStep | ExpandStep | CollectBatch | BatchStep | WithAsync | Router | Terminal
 
 
 class Process:

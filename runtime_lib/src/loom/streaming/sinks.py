@@ -34,7 +34,7 @@ class SinkRegistry:
     """Sink types by name."""
 
     def __init__(self) -> None:
-        self._types: dict[str, type[RegisteredSink]] = {}
+        self._types: dict[str, Any] = {}
 
     @staticmethod
     def type_name(sink_class: type) -> str:
@@ -58,7 +58,8 @@ class SinkRegistry:
                 f"sink type {type_name!r} is not registered (registered: {known}); "
                 "call StreamingRunner.register_sink first"
             )
-        return sink_class.from_config(options)
+        built: DynamicSink[Any] = sink_class.from_config(options)
+        return built
 
     def __contains__(self, type_name: object) -> bool:
         return type_name in self._types

@@ -16,8 +16,9 @@ drains and returns when every record is finished::
 from __future__ import annotations
 
 import threading
+import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ import msgspec
 from loom.config.context import ConfigContext
 from loom.observability import ObservabilityRuntime
 from loom.streaming.bytewax.acks import Ack
-from loom.streaming.bytewax.records import OutRecord
+from loom.streaming.bytewax.records import Origin, OutRecord
 from loom.streaming.bytewax.runner import BytewaxRuntimeConfig, StreamingRunner
 from loom.streaming.bytewax.transport import FailureReport
 from loom.streaming.codecs import build_codec
@@ -127,11 +128,23 @@ class MemoryBroker:
 
 
 class MemoryReader:
-    """Reads the partitions ``p`` with ``p % worker_count == worker_index``."""
+    """Reads the partitions ``p`` with ``p % worker_count == worker_index``.
 
-    def __init__(self, broker: MemoryBroker, topic: str, worker_index: int, worker_count: int):
+    The input counts as exhausted once everything is read and ``hold_open``
+    (if any) returns False.
+    """
+
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        topic: str,
+        worker_index: int,
+        worker_count: int,
+        hold_open: Callable[[], bool] | None = None,
+    ):
         self.broker = broker
         self.topic = topic
+        self.hold_open = hold_open
         committed = broker.committed(topic)
         self.positions = {
             p: committed.get(p, 0)
@@ -140,8 +153,8 @@ class MemoryReader:
         }
         self.commits: list[dict[int, int]] = []
 
-    def poll(self, max_records: int) -> list[MemoryRecord]:
-        batch: list[MemoryRecord] = []
+    def poll(self, max_records: int) -> list[Origin]:
+        batch: list[Origin] = []
         for partition, position in self.positions.items():
             if len(batch) >= max_records:
                 break
@@ -156,6 +169,8 @@ class MemoryReader:
         self.broker.commit(self.topic, offsets)
 
     def exhausted(self) -> bool:
+        if self.hold_open is not None and self.hold_open():
+            return False
         return all(
             position >= len(self.broker.partition_records(self.topic, partition))
             for partition, position in self.positions.items()
@@ -190,16 +205,21 @@ class MemoryWriter:
 class MemoryTransport:
     """The in-memory stand-in for the Kafka transport."""
 
-    def __init__(self, broker: MemoryBroker) -> None:
+    def __init__(self, broker: MemoryBroker, hold_open: Callable[[], bool] | None = None) -> None:
         self.broker = broker
+        self.hold_open = hold_open
         self.readers: list[MemoryReader] = []
 
     def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> MemoryReader:
-        reader = MemoryReader(self.broker, binding.physical, worker_index, worker_count)
+        reader = MemoryReader(
+            self.broker, binding.physical, worker_index, worker_count, self.hold_open
+        )
         self.readers.append(reader)
         return reader
 
-    def writer(self, binding: TopicBinding, worker_index: int, report: FailureReport) -> MemoryWriter:
+    def writer(
+        self, binding: TopicBinding, worker_index: int, report: FailureReport
+    ) -> MemoryWriter:
         return MemoryWriter(self.broker, binding.physical)
 
 
@@ -314,10 +334,23 @@ class TestRunner:
         *,
         runtime: BytewaxRuntimeConfig | None = None,
         error_sinks: Mapping[Any, Any] | None = None,
+        until: Callable[[RunResult], bool] | None = None,
+        timeout_s: float = 30.0,
     ) -> RunResult:
-        """Run until every sent record is finished; return what was written."""
-        transport = MemoryTransport(self.broker)
+        """Run until every sent record is finished; return what was written.
+
+        With ``until``, the input stays open (as a live topic would) until
+        ``until(result)`` holds, so time-based behaviour can be observed
+        before the final drain; after ``timeout_s`` it closes regardless and
+        the caller's assertions report what was missing.
+        """
+        result = RunResult(self.broker, self.config)
+        hold_open = None
+        if until is not None:
+            deadline = time.monotonic() + timeout_s
+            hold_open = lambda: not until(result) and time.monotonic() < deadline  # noqa: E731
+        transport = MemoryTransport(self.broker, hold_open)
         self.runner._use_transport(transport)
         self.runner.run(runtime=runtime, error_sinks=error_sinks)
-        commits = [commit for reader in transport.readers for commit in reader.commits]
-        return RunResult(self.broker, self.config, commits)
+        result.commits = [commit for reader in transport.readers for commit in reader.commits]
+        return result

@@ -58,9 +58,7 @@ class AsyncBridge:
         self._context = start_blocking_portal(self.backend, backend_options=options)
         self._portal = self._context.__enter__()
 
-    def submit(
-        self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any
-    ) -> Future[Any]:
+    def submit(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Future[Any]:
         if self._portal is None:
             self.start()
         assert self._portal is not None
@@ -137,7 +135,9 @@ class AsyncOp:
     def in_flight(self, worker: int) -> int:
         return len(self._pending.get(worker, ()))
 
-    def _resolve(self, rec: Rec, future: Future[Any], out: list[Rec], failed: list[Failure]) -> None:
+    def _resolve(
+        self, rec: Rec, future: Future[Any], out: list[Rec], failed: list[Failure]
+    ) -> None:
         try:
             result = future.result()
         except AsyncTimeout as exc:

@@ -17,8 +17,8 @@ from loom.streaming.bytewax.acks import Ack, GroupAck
 from loom.streaming.bytewax.records import (
     Chunk,
     Failure,
-    OutRecord,
     Outbound,
+    OutRecord,
     Rec,
     error_kind_of,
     failures_for,
@@ -118,8 +118,10 @@ def _materialise(results: Iterable[Any] | None) -> list[Any]:
     if results is None:
         return []
     if isinstance(results, str | bytes | dict):
-        raise TypeError(f"an expand or batch step must return an iterable of records, "
-                        f"not {type(results).__name__}")
+        raise TypeError(
+            f"an expand or batch step must return an iterable of records, "
+            f"not {type(results).__name__}"
+        )
     return list(results)
 
 

@@ -66,7 +66,8 @@ def _recovery_config(recovery: BytewaxRecoverySettings | None) -> RecoveryConfig
     """Bytewax's ``RecoveryConfig`` for the settings, or ``None`` when disabled."""
     if recovery is None:
         return None
-    return RecoveryConfig(Path(recovery.db_dir), _to_timedelta(recovery.backup_interval_ms))
+    backup = _to_timedelta(recovery.backup_interval_ms)
+    return RecoveryConfig(Path(recovery.db_dir), backup)  # type: ignore[no-untyped-call]
 
 
 def _runtime_kwargs(runtime: BytewaxRuntimeConfig) -> dict[str, Any]:
@@ -293,7 +294,8 @@ class StreamingRunner:
         preparation) and ``Scope.FLOW`` around the blocking ``cli_main`` call.
         """
         tracer = self._observability.tracer
-        name = (flow or self._flow).name if (flow or self._flow) else "unconfigured"
+        target = flow or self._flow
+        name = target.name if target is not None else "unconfigured"
         with tracer.start_as_current_span(
             f"{Scope.POLL_CYCLE.value} {name}",
             attributes={"loom.scope": Scope.POLL_CYCLE.value, "loom.flow": name},
@@ -331,7 +333,7 @@ class StreamingRunner:
             set_status_on_exception=True,
         ) as span:
             with _stop_on_signals(run.stop):
-                cli_main(prepared.dataflow, **_runtime_kwargs(runtime))
+                cli_main(prepared.dataflow, **_runtime_kwargs(runtime))  # type: ignore[no-untyped-call]
             span.set_status(Status(StatusCode.OK))
 
     def shutdown(self) -> None:

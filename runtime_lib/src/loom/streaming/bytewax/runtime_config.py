@@ -20,7 +20,7 @@ def _require_positive(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a positive number of milliseconds, got {value}")
 
 
-class BytewaxRecoverySettings(LoomFrozenStruct):
+class BytewaxRecoverySettings(LoomFrozenStruct, frozen=True):
     """Recovery settings for the Bytewax runtime.
 
     :param db_dir: Local recovery directory shared by this execution.
@@ -37,7 +37,7 @@ class BytewaxRecoverySettings(LoomFrozenStruct):
             raise ValueError(f"backup_interval_ms must be >= 0, got {self.backup_interval_ms}")
 
 
-class BytewaxRuntimeConfig(LoomFrozenStruct):
+class BytewaxRuntimeConfig(LoomFrozenStruct, frozen=True):
     """Runtime settings for executing a Bytewax dataflow.
 
     Delivery guarantee: By default Kafka offsets are committed by the

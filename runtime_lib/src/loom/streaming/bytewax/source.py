@@ -26,6 +26,11 @@ from loom.streaming.plan import FlowPlan
 
 logger = logging.getLogger("loom.streaming.source")
 
+_MAX_TICK_MS = 20
+"""Idle workers with unfinished records wake at least this often (ms), to poll
+delivery reports and let batch timeouts and async results progress."""
+_DRAIN_POLL = timedelta(milliseconds=1)
+
 
 @dataclass(frozen=True)
 class SourceSettings:
@@ -66,7 +71,9 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         self.stop = source.run.stop
         self.reader = reader
         self.worker = worker
-        self.tick_s = (source.plan.tick_interval_ms or 5) / 1000
+        self.tick = timedelta(
+            milliseconds=min(source.plan.tick_interval_ms or _MAX_TICK_MS, _MAX_TICK_MS)
+        )
         self._next_commit = time.monotonic() + self.settings.commit_interval_s
         self._drain_deadline: float | None = None
         self._draining = False
@@ -96,8 +103,10 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         return [Chunk(worker.index, records, failures)]
 
     def next_awake(self) -> datetime | None:
-        if self._draining or (self._idle and self.worker.progress.in_flight):
-            return datetime.now(UTC) + timedelta(seconds=self.tick_s)
+        if self._draining:
+            return datetime.now(UTC) + _DRAIN_POLL
+        if self._idle and self.worker.progress.in_flight:
+            return datetime.now(UTC) + self.tick
         return None
 
     def close(self) -> None:

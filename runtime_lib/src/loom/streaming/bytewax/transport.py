@@ -65,8 +65,9 @@ class TransportWriter(Protocol):
 class Transport(Protocol):
     """Builds per-worker readers and writers."""
 
-    def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> TransportReader:
-        ...
+    def reader(
+        self, binding: TopicBinding, worker_index: int, worker_count: int
+    ) -> TransportReader: ...
 
     def writer(
         self, binding: TopicBinding, worker_index: int, report: FailureReport
