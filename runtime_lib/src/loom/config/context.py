@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from loom.config.interpolation import interpolate
-from loom.streaming.bytewax.runtime_config import BytewaxRuntimeConfig
+from loom.config.runtime import BytewaxRuntimeConfig
 
 
 class _Section(BaseModel):

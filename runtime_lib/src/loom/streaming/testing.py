@@ -78,8 +78,10 @@ class MemoryRecord:
 class MemoryBroker:
     """Partitioned in-memory topics and committed offsets; thread-safe."""
 
-    def __init__(self, partitions: int = 1) -> None:
+    def __init__(self, partitions: int = 1, *, max_message_bytes: int = 1_048_588) -> None:
         self.partitions = partitions
+        self.max_message_bytes = max_message_bytes
+        """Larger values are refused for good, as Kafka's ``message.max.bytes``."""
         self._topics: dict[str, list[list[MemoryRecord]]] = {}
         self._committed: dict[str, dict[int, int]] = {}
         self._lock = threading.Lock()
@@ -180,15 +182,25 @@ class MemoryReader:
         return None
 
 
+class MessageTooLarge(Exception):
+    """The broker refuses a value above its ``max_message_bytes``."""
+
+
 class MemoryWriter:
     """Appends to the broker; an append is a delivery, so acks release at once."""
 
-    def __init__(self, broker: MemoryBroker, topic: str) -> None:
+    def __init__(self, broker: MemoryBroker, topic: str, report: FailureReport) -> None:
         self.broker = broker
         self.topic = topic
+        self.report = report
 
     def write(self, records: list[OutRecord], acks: list[Ack]) -> None:
+        limit = self.broker.max_message_bytes
         for record, ack in zip(records, acks, strict=True):
+            if len(record.value) > limit:
+                size = len(record.value)
+                self.report(record, ack, MessageTooLarge(f"{size} bytes > {limit}"))
+                continue
             self.broker.produce(self.topic, record.value, key=record.key, headers=record.headers)
             ack.release()
 
@@ -220,7 +232,7 @@ class MemoryTransport:
     def writer(
         self, binding: TopicBinding, worker_index: int, report: FailureReport
     ) -> MemoryWriter:
-        return MemoryWriter(self.broker, binding.physical)
+        return MemoryWriter(self.broker, binding.physical, report)
 
 
 @dataclass

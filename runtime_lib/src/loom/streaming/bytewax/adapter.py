@@ -126,7 +126,8 @@ class DataflowBuilder:
         if isinstance(terminal, TopicSinkPlan):
             encode = EncodeOp(self.plan.name, node, terminal.binding)
             outbound = op.map(f"{node}__encode", stream, encode)
-            op.output(node, outbound, TopicSink(self.sink, terminal.binding, self.run))
+            sink = TopicSink(self.sink, terminal.binding, self.run, self.plan.name, node)
+            op.output(node, outbound, sink)
         elif isinstance(terminal, NamedSinkPlan):
             outbound = op.map(f"{node}__messages", stream, to_messages)
             op.output(node, outbound, AckingSink(self.named_sinks[terminal.name]))
@@ -153,7 +154,8 @@ class DataflowBuilder:
         node = f"errors__{terminal.node_id}"
         if isinstance(terminal, TopicSinkPlan):
             records = op.map(f"{node}__encode", failures, DeadLetterEncoder(terminal.binding.codec))
-            op.output(f"{node}__sink", records, TopicSink(self.sink, terminal.binding, self.run))
+            sink = TopicSink(self.sink, terminal.binding, self.run, self.plan.name, node)
+            op.output(f"{node}__sink", records, sink)
         elif isinstance(terminal, NamedSinkPlan):
             outbound = op.map(f"{node}__envelopes", failures, envelopes)
             op.output(f"{node}__sink", outbound, AckingSink(self.named_sinks[terminal.name]))

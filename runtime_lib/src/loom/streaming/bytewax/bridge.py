@@ -21,9 +21,9 @@ from typing import Any
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from loom.config.runtime import AsyncBackend
 from loom.streaming.bytewax.operators import _argument, _materialise, fan_out
 from loom.streaming.bytewax.records import Chunk, Failure, Rec, error_kind_of, failures_for
-from loom.streaming.bytewax.runtime_config import AsyncBackend
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import AsyncPlan
 

@@ -6,9 +6,11 @@ from typing import Any
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from loom.streaming.bytewax.records import Outbound
+from loom.streaming.bytewax.acks import Ack
+from loom.streaming.bytewax.records import Outbound, OutRecord, failures_for
 from loom.streaming.bytewax.state import RunState
 from loom.streaming.bytewax.transport import Transport, TransportWriter
+from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import TopicBinding
 
 
@@ -19,14 +21,30 @@ class TopicSink(DynamicSink[Outbound]):
     finished only once the broker confirmed it.
     """
 
-    def __init__(self, transport: Transport, binding: TopicBinding, run: RunState) -> None:
+    def __init__(
+        self, transport: Transport, binding: TopicBinding, run: RunState, flow: str, node: str
+    ) -> None:
         self.transport = transport
         self.binding = binding
         self.run = run
+        self.flow = flow
+        self.node = node
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _WriterPartition:
         worker = self.run.worker(worker_index)
-        writer = self.transport.writer(self.binding, worker_index, worker.report)
+
+        def refused(record: OutRecord, ack: Ack, error: BaseException) -> None:
+            if record.source is None:
+                worker.fatal = RuntimeError(
+                    f"{self.node}: the broker refused a dead letter for "
+                    f"{self.binding.physical!r}: {error}"
+                )
+                return
+            worker.report(
+                failures_for(self.flow, self.node, ErrorKind.DELIVERY, record.source, error)
+            )
+
+        writer = self.transport.writer(self.binding, worker_index, refused)
         worker.writers.append(writer)
         return _WriterPartition(writer)
 

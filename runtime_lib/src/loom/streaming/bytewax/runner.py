@@ -17,10 +17,10 @@ from bytewax.run import cli_main
 from opentelemetry.trace import Status, StatusCode
 
 from loom.config.context import ConfigContext
+from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
 from loom.observability import ObservabilityRuntime, Scope
 from loom.streaming.bytewax.adapter import DataflowBuilder
 from loom.streaming.bytewax.bridge import AsyncBridge
-from loom.streaming.bytewax.runtime_config import BytewaxRecoverySettings, BytewaxRuntimeConfig
 from loom.streaming.bytewax.source import SourceSettings
 from loom.streaming.bytewax.state import RunState
 from loom.streaming.bytewax.transport import Transport

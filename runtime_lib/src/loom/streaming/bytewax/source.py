@@ -84,6 +84,8 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
     def next_batch(self) -> list[Chunk]:
         worker = self.worker
         worker.poll_writers()
+        if worker.fatal is not None:
+            raise worker.fatal
         if not self._draining and (self.stop.is_set() or self.reader.exhausted()):
             self._start_drain()
         if self._draining:

@@ -20,6 +20,8 @@ class WorkerState:
         self.progress = WorkerProgress()
         self.writers: list[TransportWriter] = []
         self._late: list[Failure] = []
+        self.fatal: BaseException | None = None
+        """An error that must stop the run before anything more is committed."""
 
     def report(self, failures: list[Failure]) -> None:
         """Failures found outside the operators (refused deliveries)."""

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from loom.streaming.bytewax.acks import Ack
-from loom.streaming.bytewax.records import Failure, Origin, OutRecord
+from loom.streaming.bytewax.records import Origin, OutRecord
 from loom.streaming.plan import TopicBinding
 
 
@@ -35,9 +35,13 @@ class TransportReader(Protocol):
 
 
 class FailureReport(Protocol):
-    """Where a writer reports records the broker refused for good."""
+    """Where a writer reports a record the broker refused for good.
 
-    def __call__(self, failures: list[Failure]) -> None: ...
+    The record's ack is not released by the writer: the report routes the
+    record as a ``DELIVERY`` error, whose delivery releases it.
+    """
+
+    def __call__(self, record: OutRecord, ack: Ack, error: BaseException) -> None: ...
 
 
 class TransportWriter(Protocol):
