@@ -314,6 +314,8 @@ class TestRunner:
             flow, config=config, observability_runtime=observability_runtime
         )
         self._encode = build_codec(flow.source.codec, flow.source.payload).encode
+        self.transport = MemoryTransport(self.broker)
+        self.runner._use_transport(self.transport)
 
     @property
     def input_topic(self) -> str:
@@ -357,12 +359,15 @@ class TestRunner:
         the caller's assertions report what was missing.
         """
         result = RunResult(self.broker, self.config)
-        hold_open = None
+        transport = self.transport
+        transport.readers.clear()
+        transport.hold_open = None
         if until is not None:
             deadline = time.monotonic() + timeout_s
-            hold_open = lambda: not until(result) and time.monotonic() < deadline  # noqa: E731
-        transport = MemoryTransport(self.broker, hold_open)
-        self.runner._use_transport(transport)
-        self.runner.run(runtime=runtime, error_sinks=error_sinks)
+            transport.hold_open = lambda: not until(result) and time.monotonic() < deadline
+        try:
+            self.runner.run(runtime=runtime, error_sinks=error_sinks)
+        finally:
+            transport.hold_open = None
         result.commits = [commit for reader in transport.readers for commit in reader.commits]
         return result

@@ -1,0 +1,141 @@
+"""StreamingRunner.run(): spans, preparation, reconfiguration and shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from loom.observability import ObservabilityRuntime, Scope
+from loom.streaming import FromTopic, IntoSink, IntoTopic, Process, RecordStep, StreamFlow
+from loom.streaming.bytewax.runner import StreamingRunner
+from loom.streaming.testing import RunResult, TestRunner
+from tests.runtime.payloads import Order, enrich_flow, orders
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def observability(exporter: InMemorySpanExporter) -> ObservabilityRuntime:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return ObservabilityRuntime(tracer_provider=provider)
+
+
+def test_run_emits_a_flow_span_inside_a_poll_cycle_span(
+    exporter: InMemorySpanExporter, observability: ObservabilityRuntime
+) -> None:
+    tester = TestRunner(enrich_flow(), observability_runtime=observability)
+    tester.send_all(orders(3))
+    tester.run()
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    cycle, flow = spans["poll_cycle orders"], spans["flow orders"]
+    assert flow.parent is not None
+    assert flow.parent.span_id == cycle.context.span_id
+    assert cycle.attributes is not None
+    assert flow.attributes is not None
+    assert cycle.attributes["loom.scope"] == Scope.POLL_CYCLE.value
+    assert flow.attributes["loom.scope"] == Scope.FLOW.value
+    assert flow.attributes["loom.node_count"] == tester.runner.plan.node_count
+    assert flow.status.status_code is StatusCode.OK
+    assert cycle.start_time is not None
+    assert flow.start_time is not None
+    assert cycle.start_time <= flow.start_time
+
+
+class ExplodingSink(DynamicSink[Any]):
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any]) -> DynamicSink[Any]:
+        return cls()
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> Any:
+        return ExplodingPartition()
+
+
+class ExplodingPartition(StatelessSinkPartition[Any]):
+    def write_batch(self, items: list[Any]) -> None:
+        raise OSError("sink is down")
+
+
+def causes(error: BaseException | None) -> list[str]:
+    found = []
+    while error is not None:
+        found.append(str(error))
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def sink_flow() -> StreamFlow[Order, Order]:
+    return StreamFlow(
+        "orders",
+        source=FromTopic("input", payload=Order),
+        process=Process(IntoSink("audit")),
+        errors=IntoTopic("dlq"),
+    )
+
+
+SINK_CONFIG = {"streaming": {"sinks": {"audit": {"type": "ExplodingSink"}}}}
+
+
+def test_a_run_failing_while_preparing_records_the_error_on_the_poll_cycle_span(
+    exporter: InMemorySpanExporter, observability: ObservabilityRuntime
+) -> None:
+    tester = TestRunner(sink_flow(), config=SINK_CONFIG, observability_runtime=observability)
+    with pytest.raises(LookupError, match="not registered"):
+        tester.run()
+    [cycle] = exporter.get_finished_spans()
+    assert cycle.name == "poll_cycle orders"
+    assert cycle.status.status_code is StatusCode.ERROR
+    assert [event.name for event in cycle.events] == ["exception"]
+
+
+def test_a_run_failing_while_executing_records_the_error_on_both_spans(
+    exporter: InMemorySpanExporter, observability: ObservabilityRuntime
+) -> None:
+    tester = TestRunner(sink_flow(), config=SINK_CONFIG, observability_runtime=observability)
+    tester.runner.register_sink(ExplodingSink)
+    tester.send(Order("a", 1))
+    with pytest.raises(Exception) as failure:  # noqa: PT011 - Bytewax wraps the sink's error
+        tester.run()
+    assert "sink is down" in causes(failure.value)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    for name in ("flow orders", "poll_cycle orders"):
+        assert spans[name].status.status_code is StatusCode.ERROR
+        assert "exception" in [event.name for event in spans[name].events]
+
+
+def test_prepare_run_twice_releases_the_first_preparation() -> None:
+    tester = TestRunner(enrich_flow())
+    first = tester.runner.prepare_run()
+    second = tester.runner.prepare_run()
+    assert first.dataflow is not second.dataflow
+    tester.runner.shutdown()
+
+
+def test_build_dataflow_returns_a_bytewax_dataflow_named_after_the_flow() -> None:
+    tester = TestRunner(enrich_flow())
+    dataflow = tester.runner.build_dataflow()
+    assert dataflow.flow_id == "orders"
+    tester.runner.shutdown()
+
+
+def test_run_with_a_new_flow_reconfigures_the_runner() -> None:
+    tester = TestRunner(enrich_flow())
+    tester.send_all(orders(2))
+    shout = enrich_flow(RecordStep(lambda order: Order(order.id.upper(), order.amount)))
+    tester.runner.run(flow=shout, config=tester.config)
+    assert [record["id"] for record in RunResult(tester.broker, tester.config).values("output")] == ["O0", "O1"]
+
+
+def test_a_runner_without_flow_says_so() -> None:
+    with pytest.raises(RuntimeError, match="no flow"):
+        StreamingRunner().build_dataflow()
