@@ -133,7 +133,9 @@ def test_run_with_a_new_flow_reconfigures_the_runner() -> None:
     tester.send_all(orders(2))
     shout = enrich_flow(RecordStep(lambda order: Order(order.id.upper(), order.amount)))
     tester.runner.run(flow=shout, config=tester.config)
-    assert [record["id"] for record in RunResult(tester.broker, tester.config).values("output")] == ["O0", "O1"]
+    assert [
+        record["id"] for record in RunResult(tester.broker, tester.config).values("output")
+    ] == ["O0", "O1"]
 
 
 def test_a_runner_without_flow_says_so() -> None:

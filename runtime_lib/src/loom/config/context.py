@@ -23,7 +23,9 @@ from loom.config.runtime import BytewaxRuntimeConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a rejected value may be a secret (a password of
+    # the wrong type, librdkafka settings holding credentials).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 def _json_object(value: Any) -> Any:
@@ -51,6 +53,8 @@ class KafkaSettings(_Section):
     ssl_ca_location: str | None = None
     consumer: LibrdkafkaSettings = Field(default_factory=dict)
     producer: LibrdkafkaSettings = Field(default_factory=dict)
+    create_topics: bool = False
+    """Create missing topics at start-up: for local development only."""
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka settings common to every client, secrets included.
@@ -84,9 +88,11 @@ def _runtime_config(value: Any) -> BytewaxRuntimeConfig:
         raise ValueError(str(exc)) from exc
 
 
-def _split_addresses(text: str) -> list[str]:
-    """Addresses come as ``host:port,host:port`` or a JSON list."""
+def _split_addresses(text: str) -> list[str] | None:
+    """Addresses come as ``host:port,host:port`` or a JSON list; empty means none."""
     text = text.strip()
+    if not text:
+        return None
     if text.startswith("["):
         parsed = json.loads(text)
         if not isinstance(parsed, list):

@@ -34,7 +34,7 @@ from loom.streaming.codecs import build_codec
 from loom.streaming.errors import ErrorEnvelope
 from loom.streaming.message import Headers
 from loom.streaming.nodes import FromTopic, IntoTopic, Process, Router, StreamFlow
-from loom.streaming.plan import TopicBinding
+from loom.streaming.plan import FlowPlan, TopicBinding
 
 T = TypeVar("T")
 
@@ -221,6 +221,9 @@ class MemoryTransport:
         self.broker = broker
         self.hold_open = hold_open
         self.readers: list[MemoryReader] = []
+
+    def preflight(self, plan: FlowPlan) -> None:
+        return None
 
     def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> MemoryReader:
         reader = MemoryReader(

@@ -165,6 +165,7 @@ class StreamingRunner:
         self._runtime_override: BytewaxRuntimeConfig | None = None
         self._prepared: _PreparedStreamingRun | None = None
         self._run_state: RunState | None = None
+        self._stop = threading.Event()
 
     # -- construction -----------------------------------------------------
 
@@ -258,9 +259,9 @@ class StreamingRunner:
             for terminal in plan.sink_terminals()
             if isinstance(terminal, NamedSinkPlan)
         }
-        transport = self._transport or self._kafka_transport()
+        transport = self._transport = self._transport or self._kafka_transport()
         bridge = _create_bridge(plan, runtime)
-        run_state = RunState()
+        run_state = RunState(self._stop)
         try:
             prepared = _prepare_run(
                 plan,
@@ -307,9 +308,12 @@ class StreamingRunner:
             if flow is not None or config is not None:
                 self._configure(flow or self._require_flow(), config or self.config)
             self._runtime_override = runtime
+            self._stop.clear()
             try:
                 prepared = self.prepare_run(error_sinks=error_sinks)
                 assert self._run_state is not None
+                assert self._transport is not None
+                self._transport.preflight(self.plan)
                 cycle.set_attribute("loom.node_count", self.plan.node_count)
                 self._execute(prepared, self._runtime(), self._run_state)
             finally:
@@ -336,6 +340,14 @@ class StreamingRunner:
                 cli_main(prepared.dataflow, **_runtime_kwargs(runtime))  # type: ignore[no-untyped-call]
             span.set_status(Status(StatusCode.OK))
 
+    def request_stop(self) -> None:
+        """Ask a running ``run()`` (in another thread) to drain and return.
+
+        The same as SIGTERM for a service: stop reading, finish in-flight
+        records within ``force_shutdown_timeout_ms``, commit, return.
+        """
+        self._stop.set()
+
     def shutdown(self) -> None:
         """Release adapter resources after a run or failed build."""
         prepared, self._prepared, self._run_state = self._prepared, None, None
@@ -353,8 +365,17 @@ class StreamingRunner:
         return self._runtime_override or self.config.runtime
 
     def _source_settings(self, runtime: BytewaxRuntimeConfig) -> SourceSettings:
+        """Drain within the force-shutdown timeout; commit as often as
+        ``auto.commit.interval.ms`` says (default 1 s)."""
         timeout_ms = runtime.force_shutdown_timeout_ms
-        return SourceSettings(drain_timeout_s=None if timeout_ms is None else timeout_ms / 1000)
+        interval_ms = self.config.kafka.consumer.get("auto.commit.interval.ms", 1000)
+        return SourceSettings(
+            commit_interval_s=int(interval_ms) / 1000,
+            drain_timeout_s=None if timeout_ms is None else timeout_ms / 1000,
+        )
 
     def _kafka_transport(self) -> Transport:
-        raise NotImplementedError("the Kafka transport is not available yet")
+        # Imported on first use: tests and tools that never touch Kafka skip it.
+        from loom.transports.kafka import KafkaTransport  # noqa: PLC0415
+
+        return KafkaTransport(self.config.kafka)

@@ -39,8 +39,8 @@ class WorkerState:
 class RunState:
     """State of one prepared run: its workers and the stop request."""
 
-    def __init__(self) -> None:
-        self.stop = threading.Event()
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.stop = stop or threading.Event()
         self._workers: dict[int, WorkerState] = {}
         self._lock = threading.Lock()
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from loom.streaming.bytewax.acks import Ack
 from loom.streaming.bytewax.records import Origin, OutRecord
-from loom.streaming.plan import TopicBinding
+from loom.streaming.plan import FlowPlan, TopicBinding
 
 
 class TransportReader(Protocol):
@@ -68,6 +68,10 @@ class TransportWriter(Protocol):
 
 class Transport(Protocol):
     """Builds per-worker readers and writers."""
+
+    def preflight(self, plan: FlowPlan) -> None:
+        """Fail fast, before workers start, if the transport cannot serve ``plan``."""
+        ...
 
     def reader(
         self, binding: TopicBinding, worker_index: int, worker_count: int

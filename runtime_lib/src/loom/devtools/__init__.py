@@ -1,0 +1,1 @@
+"""Tools for local development and tests (not used by running services)."""

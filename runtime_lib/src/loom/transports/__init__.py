@@ -1,0 +1,1 @@
+"""Message transports the Bytewax adapter reads from and writes to."""

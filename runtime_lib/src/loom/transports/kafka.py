@@ -1,0 +1,293 @@
+"""The Kafka transport, on confluent-kafka.
+
+Each Bytewax worker gets its own consumer and its own producer (librdkafka
+clients are thread-safe, but a worker's delivery callbacks must run on the
+worker's thread, where its acks live). Partitions are spread over all workers
+of all processes: partition ``p`` belongs to global worker
+``p % worker_count``, and each worker ``assign()``s its partitions, resuming
+from the group's committed offsets (``auto.offset.reset`` when none).
+
+Offsets are committed by :mod:`loom.streaming.bytewax.source`, which calls
+:meth:`KafkaReader.commit` with finished offsets only, unless
+``enable.auto.commit`` is left on, in which case librdkafka commits consumed
+positions on its own schedule (the documented at-most-once default).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+from confluent_kafka import (
+    OFFSET_STORED,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from loom.config.context import KafkaSettings
+from loom.streaming.bytewax.acks import Ack
+from loom.streaming.bytewax.records import Origin, OutRecord
+from loom.streaming.bytewax.transport import FailureReport
+from loom.streaming.plan import FlowPlan, TopicBinding, TopicSinkPlan
+
+logger = logging.getLogger("loom.transports.kafka")
+client_logger = logging.getLogger("loom.transports.kafka.librdkafka")
+"""librdkafka's own log lines, routed through Python logging instead of stderr."""
+
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "auto.offset.reset": "earliest",
+    "enable.partition.eof": False,
+    "session.timeout.ms": 6000,
+    "fetch.wait.max.ms": 100,
+    "logger": client_logger,
+}
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "linger.ms": 5,
+    "acks": "all",
+    "enable.idempotence": True,
+    "allow.auto.create.topics": False,
+    "logger": client_logger,
+}
+BACKPRESSURE_POLL_S = 0.05
+CLOSE_FLUSH_TIMEOUT_S = 30.0
+
+
+class KafkaStartupError(RuntimeError):
+    """The flow cannot start against this cluster; the message says why."""
+
+
+def _admin(settings: KafkaSettings) -> AdminClient:
+    config = {**settings.client_config(), "logger": client_logger}
+    return AdminClient(config)
+
+
+def _auto_commit(consumer_settings: Mapping[str, Any]) -> bool:
+    value = consumer_settings.get("enable.auto.commit", True)
+    return str(value).lower() not in ("false", "0", "no")
+
+
+class KafkaReader:
+    """A worker's consumer of the partitions it owns."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        topic: str,
+        partitions: list[int],
+        *,
+        manual_commits: bool,
+    ) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.partitions = partitions
+        self.manual_commits = manual_commits
+        self._last_error: str | None = None
+        if partitions:
+            consumer.assign([TopicPartition(topic, p, OFFSET_STORED) for p in partitions])
+
+    def poll(self, max_records: int) -> list[Origin]:
+        if not self.partitions:
+            return []
+        messages = self.consumer.consume(num_messages=max_records, timeout=0)
+        if not any(message.error() for message in messages):
+            return cast("list[Origin]", messages)
+        good = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                good.append(message)
+            elif error.fatal():
+                raise KafkaException(error)
+            else:
+                self._log_error(error)
+        return cast("list[Origin]", good)
+
+    def _log_error(self, error: KafkaError) -> None:
+        text = f"{error.name()}: {error.str()}"
+        if text != self._last_error:  # one line per distinct error, not per poll
+            logger.warning("consumer error on %s (retrying): %s", self.topic, text)
+            self._last_error = text
+
+    def commit(self, offsets: Mapping[int, int]) -> None:
+        if not self.manual_commits:
+            return
+        self.consumer.commit(
+            offsets=[TopicPartition(self.topic, p, offset) for p, offset in offsets.items()],
+            asynchronous=True,
+        )
+
+    def exhausted(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Leave the group; an auto-commit consumer commits its positions here."""
+        self.consumer.close()
+
+
+class KafkaWriter:
+    """Produces one topic's records through the worker's producer."""
+
+    def __init__(self, producer: Producer, topic: str, report: FailureReport) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.report = report
+
+    def write(self, records: list[OutRecord], acks: list[Ack]) -> None:
+        produce, topic, delivered = self.producer.produce, self.topic, self._delivered
+        for record, ack in zip(records, acks, strict=True):
+            callback = functools.partial(delivered, record, ack)
+            while True:
+                try:
+                    produce(
+                        topic,
+                        record.value,
+                        record.key,
+                        headers=list(record.headers) if record.headers else None,
+                        on_delivery=callback,
+                    )
+                    break
+                except BufferError:
+                    # The local queue is full: serve delivery reports, then retry.
+                    self.producer.poll(BACKPRESSURE_POLL_S)
+        self.producer.poll(0)
+
+    def _delivered(self, record: OutRecord, ack: Ack, error: KafkaError | None, _msg: Any) -> None:
+        if error is None:
+            ack.release()
+        else:
+            self.report(record, ack, KafkaException(error))
+
+    def poll(self) -> None:
+        self.producer.poll(0)
+
+    def flush(self, timeout_s: float) -> None:
+        self.producer.flush(timeout_s)
+
+    def close(self) -> None:
+        remaining = self.producer.flush(CLOSE_FLUSH_TIMEOUT_S)
+        if remaining:
+            logger.warning(
+                "%d records to %s were not delivered before close", remaining, self.topic
+            )
+
+
+class KafkaTransport:
+    """Builds per-worker Kafka readers and writers from :class:`KafkaSettings`."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        if not settings.bootstrap_servers:
+            raise KafkaStartupError(
+                "no Kafka brokers configured: set LOOM_KAFKA__BOOTSTRAP_SERVERS "
+                "(or kafka.bootstrap_servers in the config file)"
+            )
+        self.settings = settings
+        self._producers: dict[int, Producer] = {}
+        self._partitions: dict[str, int] = {}
+
+    # -- start-up ---------------------------------------------------------
+
+    def preflight(self, plan: FlowPlan, *, timeout_s: float = 10.0) -> None:
+        """Check the cluster can serve ``plan`` before any worker starts.
+
+        Fails with one clear :class:`KafkaStartupError` for an unreachable
+        cluster or missing topics (creating them instead when
+        ``create_topics`` is on, for local development).
+        """
+        admin = _admin(self.settings)
+        try:
+            metadata = admin.list_topics(timeout=timeout_s)
+        except KafkaException as exc:
+            raise KafkaStartupError(
+                f"cannot reach Kafka at {self.settings.bootstrap_servers} within "
+                f"{timeout_s:g} s ({exc.args[0].str() if exc.args else exc})"
+            ) from None
+        needed = [plan.source.binding.physical] + [
+            t.binding.physical for t in plan.sink_terminals() if isinstance(t, TopicSinkPlan)
+        ]
+        missing = [topic for topic in dict.fromkeys(needed) if topic not in metadata.topics]
+        if missing and self.settings.create_topics:
+            self._create(admin, missing, timeout_s)
+            metadata = admin.list_topics(timeout=timeout_s)
+            missing = [topic for topic in missing if topic not in metadata.topics]
+        if missing:
+            raise KafkaStartupError(
+                f"topics missing on {self.settings.bootstrap_servers}: {', '.join(missing)} "
+                "(create them, or set LOOM_KAFKA__CREATE_TOPICS=true for local development)"
+            )
+        for topic in dict.fromkeys(needed):
+            self._partitions[topic] = len(metadata.topics[topic].partitions)
+        source = plan.source.binding.physical
+        if self._partitions[source] == 0:
+            raise KafkaStartupError(f"topic {source} has no partitions to read")
+
+    def _create(self, admin: AdminClient, topics: list[str], timeout_s: float) -> None:
+        logger.warning("creating missing topics for local development: %s", ", ".join(topics))
+        futures = admin.create_topics(
+            [NewTopic(topic, num_partitions=-1) for topic in topics], request_timeout=timeout_s
+        )
+        for topic, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise KafkaStartupError(f"cannot create topic {topic}: {exc}") from None
+
+    def partition_count(self, topic: str) -> int:
+        """Partitions of ``topic`` (looked up once, then cached)."""
+        if topic not in self._partitions:
+            admin = _admin(self.settings)
+            metadata = admin.list_topics(timeout=10)
+            if topic not in metadata.topics:
+                raise KafkaStartupError(f"topic {topic} does not exist")
+            self._partitions[topic] = len(metadata.topics[topic].partitions)
+        return self._partitions[topic]
+
+    # -- per worker -------------------------------------------------------
+
+    def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> KafkaReader:
+        settings = self.settings
+        config: dict[str, Any] = {
+            **CONSUMER_DEFAULTS,
+            "group.id": settings.group_id or "loom",
+            **settings.consumer,
+            **settings.client_config(),
+        }
+        partitions = [
+            p
+            for p in range(self.partition_count(binding.physical))
+            if p % worker_count == worker_index
+        ]
+        if not partitions:
+            logger.warning(
+                "worker %d of %d has no partition of %s to read (the topic has fewer "
+                "partitions than workers)",
+                worker_index,
+                worker_count,
+                binding.physical,
+            )
+        return KafkaReader(
+            Consumer(config),
+            binding.physical,
+            partitions,
+            manual_commits=not _auto_commit(config),
+        )
+
+    def writer(
+        self, binding: TopicBinding, worker_index: int, report: FailureReport
+    ) -> KafkaWriter:
+        producer = self._producers.get(worker_index)
+        if producer is None:
+            config: dict[str, Any] = {
+                **PRODUCER_DEFAULTS,
+                **self.settings.producer,
+                **self.settings.client_config(),
+            }
+            producer = self._producers[worker_index] = Producer(config)
+        return KafkaWriter(producer, binding.physical, report)

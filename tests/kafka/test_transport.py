@@ -1,0 +1,102 @@
+"""A flow reading from and writing to a real broker, committing finished work only."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+
+from loom.streaming import ErrorEnvelope, ExpandStep, RecordStep
+from loom.streaming.bytewax.runner import StreamingRunner
+from tests.kafka.support import BackgroundRun, Cluster, wait_until
+from tests.runtime.payloads import Enriched, Order, enrich, enrich_flow
+
+
+def config(cluster: Cluster, topics: dict[str, str], **runtime: Any) -> dict[str, Any]:
+    return {
+        "kafka": {
+            "bootstrap_servers": cluster.bootstrap,
+            "group_id": f"g-{uuid.uuid4().hex[:8]}",
+            "consumer": {"enable.auto.commit": False, "auto.commit.interval.ms": 200},
+        },
+        "topics": topics,
+        "streaming": {"runtime": runtime},
+    }
+
+
+def order_bytes(count: int) -> list[bytes]:
+    return [msgspec.json.encode(Order(f"o{i}", float(i))) for i in range(count)]
+
+
+def test_records_flow_from_input_to_output_and_offsets_are_committed(cluster: Cluster) -> None:
+    topics = {"input": cluster.topic(3), "output": cluster.topic(3), "dlq": cluster.topic(1)}
+    settings = config(cluster, topics)
+    cluster.produce(topics["input"], order_bytes(3000), keys=[b"k%d" % i for i in range(3000)])
+    runner = StreamingRunner.from_dict(enrich_flow(), settings)
+    with BackgroundRun(runner) as run:
+        out = cluster.read(topics["output"], 3000)
+        group = settings["kafka"]["group_id"]
+        wait_until(
+            lambda: sum(cluster.committed(group, topics["input"]).values()) == 3000,
+            20,
+            "all 3000 offsets committed",
+        )
+        run.stop()
+    decoded = [msgspec.json.decode(m.value(), type=Enriched) for m in out]
+    assert sorted(e.id for e in decoded) == sorted(f"o{i}" for i in range(3000))
+    assert {m.key() for m in out} == {b"k%d" % i for i in range(3000)}
+
+
+def test_poison_records_go_to_the_dlq_with_their_bytes_and_the_flow_keeps_going(
+    cluster: Cluster,
+) -> None:
+    topics = {"input": cluster.topic(1), "output": cluster.topic(1), "dlq": cluster.topic(1)}
+    cluster.produce(topics["input"], [b"{bad", None, *order_bytes(5)])
+    runner = StreamingRunner.from_dict(enrich_flow(), config(cluster, topics))
+    with BackgroundRun(runner) as run:
+        out = cluster.read(topics["output"], 5)
+        dead = cluster.read(topics["dlq"], 2)
+        run.stop()
+    assert len(out) == 5
+    envelopes = [msgspec.json.decode(m.value(), type=ErrorEnvelope) for m in dead]
+    assert [(e.value, e.offset) for e in envelopes] == [(b"{bad", 0), (None, 1)]
+    assert dict(dead[0].headers())["loom-source-topic"] == topics["input"].encode()
+
+
+def test_a_restarted_flow_resumes_from_the_committed_offsets(cluster: Cluster) -> None:
+    topics = {"input": cluster.topic(2), "output": cluster.topic(2), "dlq": cluster.topic(1)}
+    settings = config(cluster, topics)
+    cluster.produce(topics["input"], order_bytes(100))
+    with BackgroundRun(StreamingRunner.from_dict(enrich_flow(), settings)) as run:
+        cluster.read(topics["output"], 100)
+        run.stop()
+    cluster.produce(topics["input"], order_bytes(50))
+    with BackgroundRun(StreamingRunner.from_dict(enrich_flow(), settings)) as run:
+        out = cluster.read(topics["output"], 150)
+        run.stop()
+    assert len(out) == 150  # the first 100 were not processed again
+
+
+def test_filtered_and_expanded_records_commit_to_the_end(cluster: Cluster) -> None:
+    topics = {"input": cluster.topic(2), "output": cluster.topic(2), "dlq": cluster.topic(1)}
+    settings = config(cluster, topics)
+    cluster.produce(topics["input"], order_bytes(400))
+
+    def fan(order: Order) -> list[Order]:
+        return [order] * (int(order.amount) % 3)  # 0, 1 or 2 children
+
+    flow = enrich_flow(ExpandStep(fan), RecordStep(enrich))
+    with BackgroundRun(StreamingRunner.from_dict(flow, settings)) as run:
+        expected = sum(i % 3 for i in range(400))
+        out = cluster.read(topics["output"], expected)
+        group = settings["kafka"]["group_id"]
+        wait_until(
+            lambda: (
+                cluster.committed(group, topics["input"]) == cluster.end_offsets(topics["input"])
+            ),
+            20,
+            "commits up to the end offsets",
+        )
+        run.stop()
+    assert len(out) == expected
