@@ -537,7 +537,7 @@ def test_runtime_kwargs_for_a_fully_populated_runtime(tmp_path: Path) -> None:
         ({"epoch_interval_ms": 0}, "epoch_interval_ms must be a positive"),
         ({"force_shutdown_timeout_ms": -1}, "force_shutdown_timeout_ms must be a positive"),
         ({"addresses": ("h0:2101",)}, "process_id is required"),
-        ({"process_id": 1}, "addresses (the whole cluster) is required"),
+        ({"process_id": 1}, "process_id needs addresses"),
         ({"addresses": ("h0:2101", "h1:2101"), "process_id": 2}, "not an index"),
         ({"addresses": ("h0:2101", "h1:2101"), "process_id": -1}, "not an index"),
     ],

@@ -78,14 +78,30 @@ class KafkaSettings(_Section):
 
 
 def _runtime_config(value: Any) -> BytewaxRuntimeConfig:
+    """Validate the runtime section field by field, reporting every problem.
+
+    Each problem is one line led by the field's name (the settings loader
+    turns that into the variable's name).
+    """
     if isinstance(value, BytewaxRuntimeConfig):
         return value
-    if isinstance(value, Mapping) and isinstance(value.get("addresses"), str):
-        value = {**value, "addresses": _split_addresses(value["addresses"])}
-    try:
-        return msgspec.convert(value, BytewaxRuntimeConfig, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ValueError(str(exc)) from exc
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a mapping of runtime settings, got {type(value).__name__}")
+    fields = {field.name: field.type for field in msgspec.structs.fields(BytewaxRuntimeConfig)}
+    converted: dict[str, Any] = {}
+    problems = []
+    for name, item in value.items():
+        if name not in fields:
+            problems.append(f"{name} is not a runtime setting")
+            continue
+        raw = _split_addresses(item) if name == "addresses" and isinstance(item, str) else item
+        try:
+            converted[name] = msgspec.convert(raw, fields[name], strict=False)
+        except msgspec.ValidationError as exc:
+            problems.append(f"{name} {exc}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return BytewaxRuntimeConfig(**converted)
 
 
 def _split_addresses(text: str) -> list[str] | None:

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import msgspec
+
 from loom.structs import LoomFrozenStruct
 
 AsyncBackend = Literal["asyncio", "trio"]
 ASYNC_BACKENDS: tuple[AsyncBackend, ...] = ("asyncio", "trio")
-
-
-def _require_positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{name} must be a positive number of milliseconds, got {value}")
 
 
 class BytewaxRecoverySettings(LoomFrozenStruct, frozen=True):
@@ -71,22 +68,35 @@ class BytewaxRuntimeConfig(LoomFrozenStruct, frozen=True):
     force_shutdown_timeout_ms: int | None = None
 
     def __post_init__(self) -> None:
+        if self.addresses is not None:
+            # Keep the struct hashable when built with a list.
+            msgspec.structs.force_setattr(self, "addresses", tuple(self.addresses))
+        problems = self._problems()
+        if problems:
+            raise ValueError("\n".join(problems))
+
+    def _problems(self) -> list[str]:
+        """Every invalid setting, each line starting with the field's name."""
+        problems = []
         if self.workers_per_process < 1:
-            raise ValueError(f"workers_per_process must be >= 1, got {self.workers_per_process}")
-        _require_positive("epoch_interval_ms", self.epoch_interval_ms)
-        _require_positive("force_shutdown_timeout_ms", self.force_shutdown_timeout_ms)
+            problems.append(f"workers_per_process must be >= 1, got {self.workers_per_process}")
+        for name in ("epoch_interval_ms", "force_shutdown_timeout_ms"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name} must be a positive number of milliseconds, got {value}")
         if self.async_backend not in ASYNC_BACKENDS:
-            raise ValueError(
+            problems.append(
                 f"async_backend must be one of {', '.join(ASYNC_BACKENDS)}, "
                 f"got {self.async_backend!r}"
             )
         if self.addresses is not None:
             if self.process_id is None:
-                raise ValueError("addresses is set, so process_id is required")
-            if not 0 <= self.process_id < len(self.addresses):
-                raise ValueError(
+                problems.append("process_id is required when addresses is set")
+            elif not 0 <= self.process_id < len(self.addresses):
+                problems.append(
                     f"process_id {self.process_id} is not an index into the "
                     f"{len(self.addresses)} addresses"
                 )
         elif self.process_id not in (None, 0):
-            raise ValueError("process_id is set, so addresses (the whole cluster) is required")
+            problems.append("process_id needs addresses (every process of the cluster)")
+        return problems

@@ -114,7 +114,7 @@ class _Compiler:
     def bind(self, where: str, declared: FromTopic[Any] | IntoTopic[Any]) -> TopicBinding | None:
         physical = self.config.topics.get(declared.topic)
         if physical is None:
-            variable = f"LOOM_TOPICS__{declared.topic.upper()}"
+            variable = "LOOM_TOPICS__" + re.sub(r"[^A-Z0-9]", "_", declared.topic.upper())
             self.problem(
                 f"{where}: logical topic {declared.topic!r} is not bound to a topic "
                 f"(set topics.{declared.topic} in the config or {variable})"

@@ -170,6 +170,9 @@ class MemoryReader:
         self.commits.append(dict(offsets))
         self.broker.commit(self.topic, offsets)
 
+    def end_offsets(self, partitions: Mapping[int, int]) -> dict[int, int]:
+        return {p: len(self.broker.partition_records(self.topic, p)) for p in partitions}
+
     def exhausted(self) -> bool:
         if self.hold_open is not None and self.hold_open():
             return False

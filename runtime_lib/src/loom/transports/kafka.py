@@ -126,6 +126,17 @@ class KafkaReader:
     def exhausted(self) -> bool:
         return False
 
+    def end_offsets(self, partitions: Mapping[int, int]) -> dict[int, int]:
+        """High watermarks as last seen in fetch responses (no broker round trip)."""
+        ends = {}
+        for partition in partitions:
+            _low, high = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, partition), cached=True
+            )
+            if high >= 0:
+                ends[partition] = high
+        return ends
+
     def close(self) -> None:
         """Leave the group; an auto-commit consumer commits its positions here."""
         self.consumer.close()

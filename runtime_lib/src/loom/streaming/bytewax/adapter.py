@@ -10,6 +10,7 @@ between workers, which is what lets acks live in plain Python objects):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from operator import itemgetter
 from typing import Any
@@ -18,8 +19,10 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.outputs import DynamicSink
 
+from loom.observability import ObservabilityRuntime
 from loom.streaming.bytewax.bridge import AsyncBridge, AsyncOp
 from loom.streaming.bytewax.operators import (
+    ChunkOp,
     CollectOp,
     DeadLetterEncoder,
     EncodeOp,
@@ -48,6 +51,7 @@ from loom.streaming.plan import (
     NamedSinkPlan,
     RouterPlan,
     TerminalPlan,
+    TopicBinding,
     TopicSinkPlan,
 )
 
@@ -70,6 +74,7 @@ class DataflowBuilder:
         bridge: AsyncBridge | None,
         run: RunState,
         settings: SourceSettings,
+        observability: ObservabilityRuntime | None = None,
     ) -> None:
         self.plan = plan
         self.source = source
@@ -79,6 +84,7 @@ class DataflowBuilder:
         self.bridge = bridge
         self.run = run
         self.settings = settings
+        self.observability = observability
         self._failure_streams: list[Stream[list[Failure]]] = []
 
     def build(self) -> Dataflow:
@@ -86,7 +92,7 @@ class DataflowBuilder:
         chunks = op.input(
             self.plan.source.node_id,
             flow,
-            FlowSource(self.plan, self.source, self.run, self.settings),
+            FlowSource(self.plan, self.source, self.run, self.settings, self.observability),
         )
         self._branch(self.plan.root, chunks)
         failures = op.merge("failures", *self._failure_streams)
@@ -97,7 +103,7 @@ class DataflowBuilder:
 
     def _branch(self, branch: BranchPlan, stream: Stream[Chunk]) -> None:
         for step in branch.steps:
-            stream = op.map(step.node_id, stream, self._operator(step))
+            stream = op.map(step.node_id, stream, self._timed(step.node_id, self._operator(step)))
         end = branch.end
         if isinstance(end, RouterPlan):
             router = RouterOp(self.plan.name, end)
@@ -110,13 +116,41 @@ class DataflowBuilder:
         else:
             self._terminal(end, stream)
 
+    def _timed(self, node: str, operator: ChunkOp) -> ChunkOp:
+        """Observe the step's per-record time, once per chunk."""
+        if self.observability is None:
+            return operator
+        histogram = self.observability.metrics.step_seconds.labels(self.plan.name, node)
+
+        def timed(chunk: Chunk) -> Chunk:
+            count = len(chunk.records)
+            if not count:
+                return operator(chunk)
+            started = time.perf_counter()
+            result = operator(chunk)
+            histogram.observe((time.perf_counter() - started) / count)
+            return result
+
+        return timed
+
+    def _topic_sink(self, binding: TopicBinding, node: str) -> TopicSink:
+        produced = None
+        if self.observability is not None:
+            produced = self.observability.metrics.produced.labels(self.plan.name, binding.physical)
+        return TopicSink(
+            self.sink, binding, self.run, flow=self.plan.name, node=node, produced=produced
+        )
+
     def _operator(self, step: ChainPlan) -> Any:
         if isinstance(step, CollectPlan):
             return CollectOp(step)
         if isinstance(step, AsyncPlan):
             if self.bridge is None:
                 raise RuntimeError(f"{step.node_id} is async but the run has no AsyncBridge")
-            return AsyncOp(self.plan.name, step, self.bridge)
+            gauge = None
+            if self.observability is not None:
+                gauge = self.observability.metrics.async_in_flight
+            return AsyncOp(self.plan.name, step, self.bridge, gauge)
         if step.kind == "record":
             return RecordOp(self.plan.name, step)
         return ExpandOp(self.plan.name, step)
@@ -126,8 +160,7 @@ class DataflowBuilder:
         if isinstance(terminal, TopicSinkPlan):
             encode = EncodeOp(self.plan.name, node, terminal.binding)
             outbound = op.map(f"{node}__encode", stream, encode)
-            sink = TopicSink(self.sink, terminal.binding, self.run, self.plan.name, node)
-            op.output(node, outbound, sink)
+            op.output(node, outbound, self._topic_sink(terminal.binding, node))
         elif isinstance(terminal, NamedSinkPlan):
             outbound = op.map(f"{node}__messages", stream, to_messages)
             op.output(node, outbound, AckingSink(self.named_sinks[terminal.name]))
@@ -143,19 +176,34 @@ class DataflowBuilder:
             if kind not in self.error_sinks:
                 by_terminal.setdefault(terminal.node_id, (terminal, []))[1].append(kind)
         for node, (terminal, kinds) in by_terminal.items():
-            chosen = op.filter_map(f"errors__{node}", failures, SelectErrors(kinds))
+            chosen = op.filter_map(f"errors__{node}", failures, self._select(kinds, terminal))
             self._error_terminal(terminal, chosen)
         for kind, sink in self.error_sinks.items():
-            chosen = op.filter_map(f"errors__{kind.value}", failures, SelectErrors([kind]))
+            label = type(sink).__name__
+            chosen = op.filter_map(f"errors__{kind.value}", failures, self._select([kind], label))
             outbound = op.map(f"errors__{kind.value}__envelopes", chosen, envelopes)
             op.output(f"errors__{kind.value}__sink", outbound, AckingSink(sink))
+
+    def _select(self, kinds: list[ErrorKind], target: TerminalPlan | str) -> SelectErrors:
+        counter = None
+        if self.observability is not None:
+            if isinstance(target, TopicSinkPlan):
+                label = target.binding.physical
+            elif isinstance(target, NamedSinkPlan):
+                label = target.name
+            elif isinstance(target, DrainPlan):
+                label = "drain"
+            else:
+                label = target
+            counter = self.observability.metrics.dead_lettered
+            return SelectErrors(kinds, counter, (self.plan.name, label))
+        return SelectErrors(kinds)
 
     def _error_terminal(self, terminal: TerminalPlan, failures: Stream[list[Failure]]) -> None:
         node = f"errors__{terminal.node_id}"
         if isinstance(terminal, TopicSinkPlan):
             records = op.map(f"{node}__encode", failures, DeadLetterEncoder(terminal.binding.codec))
-            sink = TopicSink(self.sink, terminal.binding, self.run, self.plan.name, node)
-            op.output(f"{node}__sink", records, sink)
+            op.output(f"{node}__sink", records, self._topic_sink(terminal.binding, node))
         elif isinstance(terminal, NamedSinkPlan):
             outbound = op.map(f"{node}__envelopes", failures, envelopes)
             op.output(f"{node}__sink", outbound, AckingSink(self.named_sinks[terminal.name]))

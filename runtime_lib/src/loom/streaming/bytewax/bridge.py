@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from prometheus_client import Gauge
 
 from loom.config.runtime import AsyncBackend
 from loom.streaming.bytewax.operators import _argument, _materialise, fan_out
@@ -99,8 +100,11 @@ class AsyncOp:
     is preserved; ticks from the source hand back results while input idles.
     """
 
-    def __init__(self, flow: str, plan: AsyncPlan, bridge: AsyncBridge) -> None:
+    def __init__(
+        self, flow: str, plan: AsyncPlan, bridge: AsyncBridge, in_flight: Gauge | None = None
+    ) -> None:
         self.flow = flow
+        self.in_flight_gauge = in_flight
         self.node = plan.node_id
         self.plan = plan
         self.bridge = bridge
@@ -128,6 +132,8 @@ class AsyncOp:
             pending.append((rec, self.bridge.submit(self._invoke, argument)))
         while pending and pending[0][1].done():
             self._resolve(*pending.popleft(), out, failed)
+        if self.in_flight_gauge is not None:
+            self.in_flight_gauge.labels(self.flow, self.node, str(chunk.worker)).set(len(pending))
         if not out and not failed and not chunk.records:
             return chunk
         return chunk.derive(out, [*chunk.failures, *failed] if failed else chunk.failures)

@@ -9,10 +9,14 @@ its own thread.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from prometheus_client import Counter
+
+from loom.observability.tracing import end_span, with_trace_headers
 from loom.streaming.bytewax.acks import Ack, GroupAck
 from loom.streaming.bytewax.records import (
     Chunk,
@@ -79,7 +83,7 @@ def fan_out(rec: Rec, results: list[Any], ack: Ack, out: list[Rec]) -> None:
     ack.retain(len(results) - 1)
     for value in results:
         child = Rec(None, rec.origin if rec.members is None else None, ack)
-        child.key, child.headers = rec.key, rec.headers
+        child.key, child.headers, child.span = rec.key, rec.headers, rec.span
         child.set_result(value)
         out.append(child)
 
@@ -240,7 +244,11 @@ class EncodeOp:
             except Exception as exc:
                 failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, exc)
                 continue
-            items.append(OutRecord(rec.out_key(), data, rec.out_headers(), rec))
+            headers = rec.out_headers()
+            if rec.span is not None:
+                headers = with_trace_headers(rec.span, headers)
+                end_span(rec.span)
+            items.append(OutRecord(rec.out_key(), data, headers, rec))
             acks.append(rec.ack)
         return Outbound(items, acks, _merge(chunk, failed))
 
@@ -262,13 +270,23 @@ def drain(chunk: Chunk) -> Outbound:
 
 
 class SelectErrors:
-    """Pick the failures of some kinds for one error terminal."""
+    """Pick the failures of some kinds for one error terminal (and count them)."""
 
-    def __init__(self, kinds: Iterable[ErrorKind]) -> None:
+    def __init__(
+        self,
+        kinds: Iterable[ErrorKind],
+        counter: Counter | None = None,
+        labels: tuple[str, str] = ("", ""),
+    ) -> None:
         self.kinds = frozenset(kinds)
+        self.counter = counter
+        self.labels = labels
 
     def __call__(self, failures: list[Failure]) -> list[Failure] | None:
         chosen = [failure for failure in failures if failure.envelope.kind in self.kinds]
+        if chosen and self.counter is not None:
+            for kind, count in collections.Counter(f.envelope.kind for f in chosen).items():
+                self.counter.labels(*self.labels, kind.value).inc(count)
         return chosen or None
 
 

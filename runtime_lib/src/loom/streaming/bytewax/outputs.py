@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from prometheus_client import Counter
 
 from loom.streaming.bytewax.acks import Ack
 from loom.streaming.bytewax.records import Outbound, OutRecord, failures_for
@@ -22,13 +23,21 @@ class TopicSink(DynamicSink[Outbound]):
     """
 
     def __init__(
-        self, transport: Transport, binding: TopicBinding, run: RunState, flow: str, node: str
+        self,
+        transport: Transport,
+        binding: TopicBinding,
+        run: RunState,
+        *,
+        flow: str,
+        node: str,
+        produced: Counter | None = None,
     ) -> None:
         self.transport = transport
         self.binding = binding
         self.run = run
         self.flow = flow
         self.node = node
+        self.produced = produced
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _WriterPartition:
         worker = self.run.worker(worker_index)
@@ -46,17 +55,20 @@ class TopicSink(DynamicSink[Outbound]):
 
         writer = self.transport.writer(self.binding, worker_index, refused)
         worker.writers.append(writer)
-        return _WriterPartition(writer)
+        return _WriterPartition(writer, self.produced)
 
 
 class _WriterPartition(StatelessSinkPartition[Outbound]):
-    def __init__(self, writer: TransportWriter) -> None:
+    def __init__(self, writer: TransportWriter, produced: Counter | None) -> None:
         self.writer = writer
+        self.produced = produced
 
     def write_batch(self, items: list[Outbound]) -> None:
         for outbound in items:
             if outbound.items:
                 self.writer.write(outbound.items, outbound.acks)
+                if self.produced is not None:
+                    self.produced.inc(len(outbound.items))
 
     def close(self) -> None:
         self.writer.close()

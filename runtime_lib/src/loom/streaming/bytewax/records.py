@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
+from opentelemetry.trace import Span
 
 from loom.streaming.bytewax.acks import Ack
 from loom.streaming.errors import BusinessError, ErrorEnvelope, ErrorKind
@@ -44,7 +45,7 @@ class Rec:
     from ``CollectBatch`` keeps its input records in ``members``.
     """
 
-    __slots__ = ("ack", "headers", "key", "members", "origin", "value")
+    __slots__ = ("ack", "headers", "key", "members", "origin", "span", "value")
 
     def __init__(
         self,
@@ -59,11 +60,13 @@ class Rec:
         self.key: bytes | None = None
         self.headers: Headers | None = None
         self.members = members
+        self.span: Span | None = None
+        """The record's trace span when its input carried a ``traceparent``."""
 
     def child(self, value: Any) -> Rec:
         """A derived record sharing origin and ack (the caller retains the ack)."""
         rec = Rec(value, self.origin, self.ack)
-        rec.key, rec.headers = self.key, self.headers
+        rec.key, rec.headers, rec.span = self.key, self.headers, self.span
         return rec
 
     def set_result(self, value: Any) -> None:

@@ -19,6 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 from loom.config.context import ConfigContext
 from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
 from loom.observability import ObservabilityRuntime, Scope
+from loom.observability.server import ProbeServer
 from loom.streaming.bytewax.adapter import DataflowBuilder
 from loom.streaming.bytewax.bridge import AsyncBridge
 from loom.streaming.bytewax.source import SourceSettings
@@ -104,6 +105,7 @@ def _prepare_run(
     bridge: AsyncBridge | None = None,
     settings: SourceSettings | None = None,
     run_state: RunState | None = None,
+    observability: ObservabilityRuntime | None = None,
 ) -> _PreparedStreamingRun:
     """Build the dataflow of ``plan`` on the given transports, plus its shutdown."""
     run = run_state or RunState()
@@ -116,6 +118,7 @@ def _prepare_run(
         bridge=bridge,
         run=run,
         settings=settings or SourceSettings(),
+        observability=observability,
     ).build()
 
     def shutdown() -> None:
@@ -166,6 +169,8 @@ class StreamingRunner:
         self._prepared: _PreparedStreamingRun | None = None
         self._run_state: RunState | None = None
         self._stop = threading.Event()
+        self.probe_port: int | None = None
+        """The port /metrics is served on during run() (resolved if 0 was configured)."""
 
     # -- construction -----------------------------------------------------
 
@@ -262,6 +267,7 @@ class StreamingRunner:
         transport = self._transport = self._transport or self._kafka_transport()
         bridge = _create_bridge(plan, runtime)
         run_state = RunState(self._stop)
+        run_state.expected_workers = runtime.workers_per_process
         try:
             prepared = _prepare_run(
                 plan,
@@ -272,6 +278,7 @@ class StreamingRunner:
                 bridge=bridge,
                 settings=self._source_settings(runtime),
                 run_state=run_state,
+                observability=self._observability,
             )
         except BaseException:
             if bridge is not None:
@@ -315,7 +322,8 @@ class StreamingRunner:
                 assert self._transport is not None
                 self._transport.preflight(self.plan)
                 cycle.set_attribute("loom.node_count", self.plan.node_count)
-                self._execute(prepared, self._runtime(), self._run_state)
+                with self._probe_server(self._run_state):
+                    self._execute(prepared, self._runtime(), self._run_state)
             finally:
                 self._runtime_override = None
                 self.shutdown()
@@ -339,6 +347,24 @@ class StreamingRunner:
             with _stop_on_signals(run.stop):
                 cli_main(prepared.dataflow, **_runtime_kwargs(runtime))  # type: ignore[no-untyped-call]
             span.set_status(Status(StatusCode.OK))
+
+    @contextlib.contextmanager
+    def _probe_server(self, run: RunState) -> Iterator[None]:
+        """Serve /metrics, /healthz, /readyz while executing, when a port is set."""
+        port = self.config.observability.prometheus_port
+        if port is None:
+            yield
+            return
+        server = ProbeServer(port, self._observability.registry, lambda: run.ready).start()
+        self.probe_port = server.port
+        try:
+            yield
+        finally:
+            server.stop()
+
+    @property
+    def observability(self) -> ObservabilityRuntime:
+        return self._observability
 
     def request_stop(self) -> None:
         """Ask a running ``run()`` (in another thread) to drain and return.

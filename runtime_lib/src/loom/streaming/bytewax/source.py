@@ -11,6 +11,7 @@ drain timeout passes), commits, and ends.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,8 @@ from typing import Any
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 
+from loom.observability import ObservabilityRuntime, Scope
+from loom.observability.tracing import start_record_span
 from loom.streaming.bytewax.records import Chunk, Failure, Rec, failures_for
 from loom.streaming.bytewax.state import RunState, WorkerState
 from loom.streaming.bytewax.transport import Transport, TransportReader
@@ -50,34 +53,53 @@ class FlowSource(DynamicSource[Chunk]):
     """One reader per Bytewax worker; the transport decides which partitions it gets."""
 
     def __init__(
-        self, plan: FlowPlan, transport: Transport, run: RunState, settings: SourceSettings
+        self,
+        plan: FlowPlan,
+        transport: Transport,
+        run: RunState,
+        settings: SourceSettings,
+        observability: ObservabilityRuntime | None = None,
     ) -> None:
         self.plan = plan
         self.transport = transport
         self.run = run
         self.settings = settings
+        self.observability = observability
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> FlowSourcePartition:
         reader = self.transport.reader(self.plan.source.binding, worker_index, worker_count)
-        return FlowSourcePartition(self, reader, self.run.worker(worker_index))
+        worker = self.run.worker(worker_index)
+        partition = FlowSourcePartition(self, reader, worker)
+        self.run.mark_ready(worker_index)
+        return partition
 
 
 class FlowSourcePartition(StatelessSourcePartition[Chunk]):
     def __init__(self, source: FlowSource, reader: TransportReader, worker: WorkerState) -> None:
-        self.flow = source.plan.name
-        self.node = source.plan.source.node_id
-        self.decode = source.plan.source.binding.codec.decode
+        plan = source.plan
+        self.flow = plan.name
+        self.node = plan.source.node_id
+        self.topic = plan.source.binding.physical
+        self.decode = plan.source.binding.codec.decode
         self.settings = source.settings
         self.stop = source.run.stop
         self.reader = reader
         self.worker = worker
-        self.tick = timedelta(
-            milliseconds=min(source.plan.tick_interval_ms or _MAX_TICK_MS, _MAX_TICK_MS)
-        )
+        interval = min(plan.tick_interval_ms or _MAX_TICK_MS, _MAX_TICK_MS)
+        self.tick = timedelta(milliseconds=interval)
         self._next_commit = time.monotonic() + self.settings.commit_interval_s
         self._drain_deadline: float | None = None
         self._draining = False
         self._idle = False
+        self._obs = source.observability
+        self._tracer = None
+        if self._obs is not None:
+            metrics = self._obs.metrics
+            self._consumed = metrics.consumed.labels(self.flow, self.topic)
+            self._batch_records = metrics.batch_records.labels(self.flow)
+            self._in_flight = metrics.in_flight.labels(self.flow, str(worker.index))
+            if self._obs.traces_records:
+                self._tracer = self._obs.tracer
 
     # -- Bytewax API ------------------------------------------------------
 
@@ -90,17 +112,17 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
             self._start_drain()
         if self._draining:
             return self._drain_step()
-        progress = worker.progress
+        in_flight = worker.progress.in_flight
         records: list[Rec] = []
         failures = worker.take_late_failures()
-        if progress.in_flight < self.settings.max_in_flight:
-            records, decode_failures = self._decode(
-                self.reader.poll(self.settings.max_poll_records)
-            )
-            failures += decode_failures
+        if in_flight < self.settings.max_in_flight:
+            origins = self.reader.poll(self.settings.max_poll_records)
+            if origins:
+                records, decode_failures = self._read(origins)
+                failures += decode_failures
         self._commit_if_due(time.monotonic())
         self._idle = not records and not failures
-        if self._idle and progress.in_flight == 0:
+        if self._idle and in_flight == 0:
             return []
         return [Chunk(worker.index, records, failures)]
 
@@ -116,8 +138,27 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
 
     # -- internals --------------------------------------------------------
 
+    def _read(self, origins: list[Any]) -> tuple[list[Rec], list[Failure]]:
+        obs = self._obs
+        if obs is None:
+            return self._decode(origins)
+        self._consumed.inc(len(origins))
+        self._batch_records.observe(len(origins))
+        if obs.batch_span_ratio and random.random() < obs.batch_span_ratio:
+            with obs.tracer.start_as_current_span(
+                f"{Scope.BATCH.value} {self.flow}",
+                attributes={
+                    "loom.scope": Scope.BATCH.value,
+                    "loom.flow": self.flow,
+                    "loom.worker": self.worker.index,
+                    "messaging.batch.message_count": len(origins),
+                },
+            ):
+                return self._decode(origins)
+        return self._decode(origins)
+
     def _decode(self, origins: list[Any]) -> tuple[list[Rec], list[Failure]]:
-        decode, progress = self.decode, self.worker.progress
+        decode, progress, tracer = self.decode, self.worker.progress, self._tracer
         records: list[Rec] = []
         failures: list[Failure] = []
         tracked: dict[int, Any] = {}
@@ -127,6 +168,10 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
             if track is None:
                 track = tracked[partition] = progress.partition(partition).track
             rec = Rec(None, origin, track(origin.offset()))
+            if tracer is not None:
+                headers = origin.headers()
+                if headers:
+                    rec.span = start_record_span(tracer, self.flow, self.topic, headers)
             raw = origin.value()
             if raw is None:
                 failures += failures_for(
@@ -150,6 +195,21 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         offsets = self.worker.progress.committable()
         if offsets:
             self.reader.commit(offsets)
+            if self._obs is not None:
+                self._record_commit(offsets)
+        if self._obs is not None:
+            self._in_flight.set(self.worker.progress.in_flight)
+
+    def _record_commit(self, offsets: dict[int, int]) -> None:
+        assert self._obs is not None
+        metrics = self._obs.metrics
+        ends = self.reader.end_offsets(offsets)
+        for partition, offset in offsets.items():
+            label = (self.flow, self.topic, str(partition))
+            metrics.committed.labels(*label).set(offset)
+            end = ends.get(partition)
+            if end is not None:
+                metrics.lag.labels(*label).set(max(0, end - offset))
 
     def _start_drain(self) -> None:
         self._draining = True
@@ -168,6 +228,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
                 "stopping with %d records unfinished after the drain timeout; "
                 "they stay uncommitted and will be read again",
                 in_flight,
+                extra={"flow": self.flow, "topic": self.topic, "worker": self.worker.index},
             )
             raise StopIteration
         return [Chunk(self.worker.index, [], late, flush=True)]

@@ -42,7 +42,10 @@ class RunState:
     def __init__(self, stop: threading.Event | None = None) -> None:
         self.stop = stop or threading.Event()
         self._workers: dict[int, WorkerState] = {}
+        self._ready: set[int] = set()
         self._lock = threading.Lock()
+        self.expected_workers = 1
+        """Workers of this process; the run is ready when all have their partitions."""
 
     def worker(self, index: int) -> WorkerState:
         with self._lock:
@@ -50,6 +53,15 @@ class RunState:
             if state is None:
                 state = self._workers[index] = WorkerState(index)
             return state
+
+    def mark_ready(self, index: int) -> None:
+        with self._lock:
+            self._ready.add(index)
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return len(self._ready) >= self.expected_workers
 
     def workers(self) -> list[WorkerState]:
         with self._lock:

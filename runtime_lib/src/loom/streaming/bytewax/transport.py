@@ -31,6 +31,10 @@ class TransportReader(Protocol):
         """True when a finite input has been read completely (never for Kafka)."""
         ...
 
+    def end_offsets(self, partitions: Mapping[int, int]) -> dict[int, int]:
+        """Known log-end offsets of ``partitions`` (for lag), without a broker call."""
+        ...
+
     def close(self) -> None: ...
 
 

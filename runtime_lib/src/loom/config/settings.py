@@ -1,0 +1,266 @@
+"""Configuration from the environment: the ``LOOM_*`` variables.
+
+A deployed service is configured only by environment variables. This module
+reads them with pydantic-settings (prefix ``LOOM_``, ``__`` for nesting),
+merges them over the YAML file named by ``LOOM_CONFIG_FILE`` (if any) and the
+defaults, and validates the result as one :class:`ConfigContext`. Every
+invalid setting is reported at once, each problem naming the variable (or
+the file key) it came from, so an operator fixes a deployment in one round.
+
+Precedence, highest first: explicit overrides, environment, YAML, defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import pydantic
+import yaml
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from loom.config.context import ConfigContext
+from loom.config.interpolation import MissingVariableError, interpolate
+
+PREFIX = "LOOM_"
+_SECTIONS = ("kafka", "topics", "runtime", "observability", "config_file")
+_CLUSTER_KEYS = ("process_id_from_hostname", "replicas", "cluster_service", "cluster_port")
+
+
+class SettingsError(ValueError):
+    """Invalid settings; ``problems`` has one line per bad variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Environment(BaseSettings):
+    """The raw ``LOOM_*`` variables, nested by ``__`` into plain mappings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, env_nested_delimiter="__", case_sensitive=False, extra="ignore"
+    )
+
+    config_file: str | None = None
+    kafka: dict[str, Any] = pydantic.Field(default_factory=dict)
+    topics: dict[str, Any] = pydantic.Field(default_factory=dict)
+    runtime: dict[str, Any] = pydantic.Field(default_factory=dict)
+    observability: dict[str, Any] = pydantic.Field(default_factory=dict)
+
+
+def variable_name(path: tuple[str, ...]) -> str:
+    """The environment variable that sets config ``path``.
+
+    ``("streaming", "runtime", "workers_per_process")`` is
+    ``LOOM_RUNTIME__WORKERS_PER_PROCESS``; the runtime section is
+    ``streaming.runtime`` in YAML but ``LOOM_RUNTIME__*`` in the environment.
+    """
+    if path[:2] == ("streaming", "runtime"):
+        path = ("runtime", *path[2:])
+    return PREFIX + "__".join(re.sub(r"[^A-Za-z0-9]", "_", part).upper() for part in path)
+
+
+def load_config(
+    *,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    require_kafka: bool = False,
+) -> ConfigContext:
+    """Build the service's ``ConfigContext`` from the environment.
+
+    :raises SettingsError: listing every invalid or missing setting.
+    """
+    env_map = dict(os.environ if environ is None else environ)
+    problems = _unknown_variables(env_map)
+    try:
+        env = _read_environment(env_map)
+    except pydantic.ValidationError as exc:
+        raise SettingsError([*problems, *_describe(exc, set(), None)]) from None
+    file_path = config_file or env.pop("config_file", None)
+    env.pop("config_file", None)
+    file_data: dict[str, Any] = {}
+    if file_path:
+        try:
+            file_data = _read_yaml(str(file_path), env_map)
+        except (OSError, ValueError, yaml.YAMLError, MissingVariableError) as exc:
+            problems.append(f"LOOM_CONFIG_FILE={file_path}: {exc}")
+    env_layer = _as_config_layout(env)
+    merged = _merge(_merge(file_data, env_layer), dict(overrides or {}))
+    problems += _derive_cluster(merged, env_map)
+    if require_kafka and not (merged.get("kafka") or {}).get("bootstrap_servers"):
+        problems.append(
+            "LOOM_KAFKA__BOOTSTRAP_SERVERS is required: the Kafka brokers as host:port[,host:port]"
+        )
+    try:
+        config = ConfigContext.from_dict(merged)
+    except pydantic.ValidationError as exc:
+        problems += _describe(exc, _leaf_paths(env_layer), file_path and str(file_path))
+        config = None
+    if problems or config is None:
+        raise SettingsError(problems)
+    return config
+
+
+def _read_environment(env_map: Mapping[str, str]) -> dict[str, Any]:
+    saved = dict(os.environ)
+    try:  # pydantic-settings reads os.environ; give it exactly env_map.
+        os.environ.clear()
+        os.environ.update(env_map)
+        return _Environment().model_dump(exclude_defaults=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _unknown_variables(env_map: Mapping[str, str]) -> list[str]:
+    """``LOOM_*`` variables that configure nothing (likely typos)."""
+    problems = []
+    for name in sorted(env_map):
+        upper = name.upper()
+        if not upper.startswith(PREFIX):
+            continue
+        rest = upper[len(PREFIX) :].lower()
+        if rest == "config_file":
+            continue
+        section, sep, _ = rest.partition("__")
+        if section not in _SECTIONS or not sep:
+            problems.append(
+                f"{name}: unknown setting (expected LOOM_KAFKA__*, LOOM_TOPICS__*, "
+                "LOOM_RUNTIME__*, LOOM_OBSERVABILITY__* or LOOM_CONFIG_FILE)"
+            )
+    return problems
+
+
+def _read_yaml(path: str, env_map: Mapping[str, str]) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError("the top level must be a mapping")
+    result: dict[str, Any] = interpolate(data, env_map)
+    return result
+
+
+def _as_config_layout(env: Mapping[str, Any]) -> dict[str, Any]:
+    layout = {key: value for key, value in env.items() if value}
+    runtime = layout.pop("runtime", None)
+    if runtime:
+        layout["streaming"] = {"runtime": runtime}
+    return layout
+
+
+def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    paths = set()
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            paths |= _leaf_paths(value, (*prefix, key))
+        else:
+            paths.add((*prefix, key))
+    return paths
+
+
+def _describe(
+    exc: pydantic.ValidationError, from_env: set[tuple[str, ...]], file_path: str | None
+) -> list[str]:
+    problems = []
+    for error in exc.errors(include_input=False):
+        loc = tuple(str(part) for part in error["loc"])
+        for field, message in _split_runtime_messages(loc, error["msg"]):
+            path = (*loc, *field.split(".")) if field else loc
+            problems.append(f"{_origin(path, from_env, file_path)}: {message}")
+    return problems
+
+
+def _split_runtime_messages(loc: tuple[str, ...], message: str) -> list[tuple[str, str]]:
+    """The runtime section reports several problems, each led by its field name."""
+    message = message.removeprefix("Value error, ")
+    if loc != ("streaming", "runtime"):
+        return [("", _friendly(message))]
+    found = []
+    for line in message.splitlines():
+        field, _, rest = line.partition(" ")
+        nested = _NESTED.search(rest)
+        if nested:  # e.g. "recovery Expected `int` - at `$.backup_interval_ms`"
+            field, rest = f"{field}.{nested.group(1)}", rest[: nested.start()]
+        found.append((field, rest if rest[:1].isupper() else line))
+    return found
+
+
+_NESTED = re.compile(r" - at `\$\.([\w.]+)`")
+
+
+def _friendly(message: str) -> str:
+    if message == "Extra inputs are not permitted":
+        return "unknown setting"
+    return message
+
+
+def _origin(path: tuple[str, ...], from_env: set[tuple[str, ...]], file_path: str | None) -> str:
+    env_path = ("runtime", *path[2:]) if path[:2] == ("streaming", "runtime") else path
+    env_paths = {("runtime", *p[2:]) if p[:2] == ("streaming", "runtime") else p for p in from_env}
+    if any(env_path[: len(p)] == p or p[: len(env_path)] == env_path for p in env_paths):
+        return variable_name(path)
+    if file_path:
+        return f"{file_path}: {'.'.join(path)}"
+    return variable_name(path)
+
+
+def _derive_cluster(merged: dict[str, Any], env_map: Mapping[str, str]) -> list[str]:
+    """StatefulSet mode: process id from the pod ordinal, addresses from the service.
+
+    With ``LOOM_RUNTIME__PROCESS_ID_FROM_HOSTNAME=true``, pod ``orders-2`` of
+    a StatefulSet ``orders`` with ``LOOM_RUNTIME__REPLICAS=3`` and headless
+    service ``LOOM_RUNTIME__CLUSTER_SERVICE=orders-cluster`` gets
+    ``process_id=2`` and ``addresses=orders-0.orders-cluster:2101,...``, so
+    one manifest scales by changing ``replicas``.
+    """
+    runtime = (merged.get("streaming") or {}).get("runtime")
+    if not isinstance(runtime, dict):
+        return []
+    cluster = {key: runtime.pop(key) for key in _CLUSTER_KEYS if key in runtime}
+    if str(cluster.get("process_id_from_hostname", "false")).lower() not in ("true", "1", "yes"):
+        return [
+            f"{variable_name(('runtime', key))}: only used with "
+            "LOOM_RUNTIME__PROCESS_ID_FROM_HOSTNAME=true"
+            for key in cluster
+            if key != "process_id_from_hostname"
+        ]
+    hostname = env_map.get("HOSTNAME") or socket.gethostname()
+    match = re.fullmatch(r"(.+)-(\d+)", hostname)
+    problems = []
+    if match is None:
+        problems.append(
+            "LOOM_RUNTIME__PROCESS_ID_FROM_HOSTNAME: hostname "
+            f"{hostname!r} is not a StatefulSet pod name (<name>-<ordinal>)"
+        )
+    try:
+        replicas = int(cluster.get("replicas", ""))
+        if replicas < 1:
+            raise ValueError
+    except ValueError:
+        problems.append("LOOM_RUNTIME__REPLICAS: the StatefulSet replica count (>= 1) is required")
+        replicas = 0
+    service = cluster.get("cluster_service")
+    if not service:
+        problems.append("LOOM_RUNTIME__CLUSTER_SERVICE: the headless service name is required")
+    port = cluster.get("cluster_port", 2101)
+    if problems or match is None:
+        return problems
+    name, ordinal = match.group(1), int(match.group(2))
+    runtime["process_id"] = ordinal
+    runtime["addresses"] = [f"{name}-{i}.{service}:{port}" for i in range(replicas)]
+    return []
