@@ -83,16 +83,22 @@ class Cluster:
         try:
             while len(records) < expected and time.monotonic() < deadline:
                 records += [m for m in consumer.consume(10_000, timeout=0.2) if not m.error()]
-            # Anything beyond ``expected`` that is already there is read too.
-            records += [m for m in consumer.consume(10_000, timeout=0.3) if not m.error()]
+            while True:  # then whatever else is already there
+                more = [m for m in consumer.consume(10_000, timeout=0.3) if not m.error()]
+                if not more:
+                    break
+                records += more
         finally:
             consumer.close()
         return records
 
-    def end_offsets(self, topic: str) -> dict[int, int]:
-        """Log end per partition, counted by reading (Tansu's ListOffsets is wrong for batches)."""
+    def end_offsets(self, topic: str, total: int) -> dict[int, int]:
+        """Log end per partition of a topic holding ``total`` records.
+
+        Counted by reading: Tansu's ListOffsets is wrong for batched produce.
+        """
         ends: dict[int, int] = {}
-        for record in self.read(topic, 0, timeout_s=1.0):
+        for record in self.read(topic, total):
             ends[record.partition()] = max(ends.get(record.partition(), 0), record.offset() + 1)
         return ends
 

@@ -86,15 +86,14 @@ def test_filtered_and_expanded_records_commit_to_the_end(cluster: Cluster) -> No
     def fan(order: Order) -> list[Order]:
         return [order] * (int(order.amount) % 3)  # 0, 1 or 2 children
 
+    ends = cluster.end_offsets(topics["input"], 400)
     flow = enrich_flow(ExpandStep(fan), RecordStep(enrich))
     with BackgroundRun(StreamingRunner.from_dict(flow, settings)) as run:
         expected = sum(i % 3 for i in range(400))
         out = cluster.read(topics["output"], expected)
         group = settings["kafka"]["group_id"]
         wait_until(
-            lambda: (
-                cluster.committed(group, topics["input"]) == cluster.end_offsets(topics["input"])
-            ),
+            lambda: cluster.committed(group, topics["input"]) == ends,
             20,
             "commits up to the end offsets",
         )

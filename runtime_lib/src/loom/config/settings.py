@@ -27,6 +27,8 @@ from loom.config.interpolation import MissingVariableError, interpolate
 
 PREFIX = "LOOM_"
 _SECTIONS = ("kafka", "topics", "runtime", "observability", "config_file")
+_TOP_LEVEL = ("config_file", "log_level")
+"""Variables outside the config sections (the log level is read by the service)."""
 _CLUSTER_KEYS = ("process_id_from_hostname", "replicas", "cluster_service", "cluster_port")
 
 
@@ -125,13 +127,13 @@ def _unknown_variables(env_map: Mapping[str, str]) -> list[str]:
         if not upper.startswith(PREFIX):
             continue
         rest = upper[len(PREFIX) :].lower()
-        if rest == "config_file":
+        if rest in _TOP_LEVEL:
             continue
         section, sep, _ = rest.partition("__")
         if section not in _SECTIONS or not sep:
             problems.append(
                 f"{name}: unknown setting (expected LOOM_KAFKA__*, LOOM_TOPICS__*, "
-                "LOOM_RUNTIME__*, LOOM_OBSERVABILITY__* or LOOM_CONFIG_FILE)"
+                "LOOM_RUNTIME__*, LOOM_OBSERVABILITY__*, LOOM_CONFIG_FILE or LOOM_LOG_LEVEL)"
             )
     return problems
 

@@ -315,7 +315,6 @@ class StreamingRunner:
             if flow is not None or config is not None:
                 self._configure(flow or self._require_flow(), config or self.config)
             self._runtime_override = runtime
-            self._stop.clear()
             try:
                 prepared = self.prepare_run(error_sinks=error_sinks)
                 assert self._run_state is not None
@@ -326,6 +325,7 @@ class StreamingRunner:
                     self._execute(prepared, self._runtime(), self._run_state)
             finally:
                 self._runtime_override = None
+                self._stop.clear()
                 self.shutdown()
 
     def _execute(
@@ -367,7 +367,7 @@ class StreamingRunner:
         return self._observability
 
     def request_stop(self) -> None:
-        """Ask a running ``run()`` (in another thread) to drain and return.
+        """Ask a running (or starting) ``run()`` to drain and return.
 
         The same as SIGTERM for a service: stop reading, finish in-flight
         records within ``force_shutdown_timeout_ms``, commit, return.

@@ -1,0 +1,93 @@
+"""Run a flow as a service configured only by environment variables.
+
+A generated service's ``__main__`` is one line, ``serve(flow)``. This module
+owns the process: JSON logs, settings from ``LOOM_*`` (exit code 2 with one
+line per bad variable, before any connection), tracing from ``OTEL_*``,
+graceful SIGTERM/SIGINT (drain, commit, exit 0), and clear one-line errors for
+start-up problems such as an unreachable broker or a missing topic (exit 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from loom.config.settings import SettingsError, load_config
+from loom.observability import ObservabilityRuntime
+from loom.observability.logs import configure_logging
+from loom.streaming.bytewax.runner import StreamingRunner
+from loom.streaming.errors import FlowValidationError
+from loom.streaming.nodes import StreamFlow
+from loom.transports.kafka import KafkaStartupError
+
+EXIT_OK = 0
+EXIT_STARTUP = 1
+EXIT_SETTINGS = 2
+
+logger = logging.getLogger("loom.service")
+
+
+def run_service(
+    flow: StreamFlow[Any, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    sink_types: tuple[type, ...] = (),
+) -> int:
+    """Run ``flow`` until stopped; return the process exit code."""
+    env = os.environ if environ is None else environ
+    configure_logging(level=env.get("LOOM_LOG_LEVEL", "INFO"), static={"flow": flow.name})
+    stop_requested = threading.Event()
+    runner: StreamingRunner | None = None
+
+    def on_signal(signum: int, frame: object) -> None:
+        # A stop during start-up is honoured as soon as the runner exists.
+        stop_requested.set()
+        if runner is not None:
+            runner.request_stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        config = load_config(environ=env, require_kafka=True)
+        observability = ObservabilityRuntime.from_environment(flow.name)
+        runner = StreamingRunner.from_context(
+            flow, config=config, observability_runtime=observability
+        )
+    except SettingsError as exc:
+        _print_problems(flow.name, "invalid settings", exc.problems)
+        return EXIT_SETTINGS
+    except FlowValidationError as exc:
+        _print_problems(flow.name, "the flow cannot run", list(exc.problems))
+        return EXIT_SETTINGS
+    for sink_type in sink_types:
+        runner.register_sink(sink_type)
+    if stop_requested.is_set():
+        return EXIT_OK
+    logger.info("starting", extra={"topic": config.topics.get(flow.source.topic)})
+    try:
+        runner.run()
+    except KafkaStartupError as exc:
+        logger.error("cannot start: %s", exc)
+        print(f"{flow.name}: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    finally:
+        observability.shutdown()
+    logger.info("stopped")
+    return EXIT_OK
+
+
+def serve(flow: StreamFlow[Any, Any], *, sink_types: tuple[type, ...] = ()) -> NoReturn:
+    """Entry point of a service: ``serve(flow)`` runs it and exits with its code."""
+    sys.exit(run_service(flow, sink_types=sink_types))
+
+
+def _print_problems(name: str, headline: str, problems: list[str]) -> None:
+    print(f"{name}: {headline}:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)

@@ -1,0 +1,174 @@
+"""A service process under failure: SIGKILL, SIGTERM, scale-out, bad start-up."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections import Counter
+
+import msgspec
+import pytest
+
+from tests.kafka.process import ServiceProcess, free_port, service_env
+from tests.kafka.support import Cluster, wait_until
+from tests.runtime.payloads import Enriched, Order
+
+
+def orders_bytes(start: int, count: int) -> list[bytes]:
+    return [msgspec.json.encode(Order(f"o{i}", float(i))) for i in range(start, start + count)]
+
+
+def output_ids(cluster: Cluster, topic: str, expected: int) -> Counter[str]:
+    records = cluster.read(topic, expected, timeout_s=60)
+    return Counter(msgspec.json.decode(r.value(), type=Enriched).id for r in records)
+
+
+def fresh_topics(cluster: Cluster, partitions: int) -> dict[str, str]:
+    return {
+        "input": cluster.topic(partitions, "in"),
+        "output": cluster.topic(partitions, "out"),
+        "dlq": cluster.topic(1, "dlq"),
+    }
+
+
+@pytest.mark.slow
+def test_a_killed_service_loses_nothing_after_restart(cluster: Cluster) -> None:
+    total = 50_000
+    topics = fresh_topics(cluster, 4)
+    group = f"crash-{uuid.uuid4().hex[:6]}"
+    env = service_env(cluster, topics, group, SERVICE_APP_SLOW_US=50)
+    cluster.produce(topics["input"], orders_bytes(0, total), keys=[b"%d" % i for i in range(total)])
+    ends = cluster.end_offsets(topics["input"], total)
+    with ServiceProcess(env) as first:
+        wait_until(
+            lambda: sum(cluster.committed(group, topics["input"]).values()) >= total // 10,
+            60,
+            "the first process to commit a tenth of the input",
+        )
+        first.kill()  # SIGKILL mid-stream: no drain, no final commit
+    killed_at = sum(cluster.committed(group, topics["input"]).values())
+    assert killed_at < total
+    with ServiceProcess(env) as second:
+        second.wait_ready()
+        wait_until(
+            lambda: cluster.committed(group, topics["input"]) == ends,
+            90,
+            "the restarted process to commit every offset",
+        )
+        assert second.terminate() == 0
+    ids = output_ids(cluster, topics["output"], total)
+    assert set(ids) == {f"o{i}" for i in range(total)}
+    duplicates = sum(ids.values()) - total
+    print(f"\ncrash test: killed after {killed_at} commits; {duplicates} duplicates on restart")
+    assert duplicates <= total - killed_at  # only the uncommitted window may repeat
+
+
+def test_sigterm_drains_commits_and_exits_zero_and_a_restart_loses_nothing(
+    cluster: Cluster,
+) -> None:
+    total = 3000
+    topics = fresh_topics(cluster, 2)
+    group = f"term-{uuid.uuid4().hex[:6]}"
+    env = service_env(cluster, topics, group, SERVICE_APP_SLOW_US=1000)
+    cluster.produce(topics["input"], orders_bytes(0, total))
+    ends = cluster.end_offsets(topics["input"], total)
+    with ServiceProcess(env) as service:
+        wait_until(lambda: len(cluster.read(topics["output"], 1, timeout_s=1)) >= 1, 30, "output")
+        assert service.terminate() == 0  # under load: records are still in flight
+    committed = sum(cluster.committed(group, topics["input"]).values())
+    delivered = sum(output_ids(cluster, topics["output"], committed).values())
+    assert committed <= delivered  # nothing committed that was not delivered
+    with ServiceProcess(env) as restarted:
+        restarted.wait_ready()
+        wait_until(
+            lambda: cluster.committed(group, topics["input"]) == ends,
+            60,
+            "every offset committed after restart",
+        )
+        assert restarted.terminate() == 0
+    ids = output_ids(cluster, topics["output"], total)
+    assert set(ids) == {f"o{i}" for i in range(total)}
+    assert sum(ids.values()) == total  # a graceful stop re-delivers nothing
+
+
+def test_two_processes_of_two_workers_process_every_record_exactly_once(cluster: Cluster) -> None:
+    total = 8000
+    topics = fresh_topics(cluster, 8)
+    group = f"scale-{uuid.uuid4().hex[:6]}"
+    cluster.produce(topics["input"], orders_bytes(0, total), keys=[b"%d" % i for i in range(total)])
+    ends = cluster.end_offsets(topics["input"], total)
+    addresses = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    envs = [
+        service_env(
+            cluster,
+            topics,
+            group,
+            LOOM_RUNTIME__WORKERS_PER_PROCESS=2,
+            LOOM_RUNTIME__PROCESS_ID=process_id,
+            LOOM_RUNTIME__ADDRESSES=addresses,
+        )
+        for process_id in (0, 1)
+    ]
+    with ServiceProcess(envs[0]) as first, ServiceProcess(envs[1]) as second:
+        first.wait_ready(60)
+        second.wait_ready(60)
+        wait_until(
+            lambda: cluster.committed(group, topics["input"]) == ends,
+            60,
+            "all 8 partitions committed to the end",
+        )
+        assert first.process.poll() is None
+        assert second.process.poll() is None
+        for process in (first, second):
+            process.process.send_signal(signal.SIGTERM)
+        assert first.wait() == 0
+        assert second.wait() == 0
+    ids = output_ids(cluster, topics["output"], total)
+    assert len(ids) == total
+    assert set(ids.values()) == {1}
+
+
+def test_bad_settings_exit_with_code_2_naming_each_variable(cluster: Cluster) -> None:
+    topics = fresh_topics(cluster, 1)
+    env = service_env(
+        cluster,
+        topics,
+        "g",
+        LOOM_RUNTIME__WORKERS_PER_PROCESS="many",
+        LOOM_RUNTIME__ASYNC_BACKEND="gevent",
+        LOOM_KAFKA__CONSUMER="{not json",
+        LOOM_KAFKA__SASL_PASSWORD="hunter2-secret",
+    )
+    with ServiceProcess(env) as service:
+        assert service.wait() == 2
+        stdout, stderr = service.output()
+    lines = stderr.strip().splitlines()
+    for variable in (
+        "LOOM_RUNTIME__WORKERS_PER_PROCESS",
+        "LOOM_RUNTIME__ASYNC_BACKEND",
+        "LOOM_KAFKA__CONSUMER",
+    ):
+        assert sum(variable in line for line in lines) == 1
+    assert "Traceback" not in stderr
+    assert "hunter2-secret" not in stdout + stderr
+
+
+def test_a_missing_topic_stops_the_service_with_one_clear_error(cluster: Cluster) -> None:
+    topics = fresh_topics(cluster, 1)
+    topics["input"] = f"missing-{uuid.uuid4().hex[:6]}"
+    with ServiceProcess(service_env(cluster, topics, "g")) as service:
+        assert service.wait() == 1
+        _, stderr = service.output()
+    assert f"topics missing on {cluster.bootstrap}: {topics['input']}" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_an_unreachable_broker_stops_the_service_with_one_clear_error(cluster: Cluster) -> None:
+    topics = fresh_topics(cluster, 1)
+    env = service_env(cluster, topics, "g")
+    env["LOOM_KAFKA__BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
+    with ServiceProcess(env) as service:
+        assert service.wait(timeout_s=60) == 1
+        _, stderr = service.output()
+    assert "cannot reach Kafka at 127.0.0.1:" in stderr
+    assert "Traceback" not in stderr
