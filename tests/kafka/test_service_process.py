@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -32,11 +33,18 @@ def fresh_topics(cluster: Cluster, partitions: int) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_killed_service_loses_nothing_after_restart(cluster: Cluster) -> None:
+@pytest.mark.parametrize("recovery", [False, True], ids=["plain", "bytewax_recovery"])
+def test_a_killed_service_loses_nothing_after_restart(
+    cluster: Cluster, recovery: bool, tmp_path: Path
+) -> None:
     total = 50_000
     topics = fresh_topics(cluster, 4)
     group = f"crash-{uuid.uuid4().hex[:6]}"
-    env = service_env(cluster, topics, group, SERVICE_APP_SLOW_US=50)
+    extra: dict[str, object] = {"SERVICE_APP_SLOW_US": 50}
+    if recovery:
+        extra["LOOM_RUNTIME__RECOVERY__DB_DIR"] = tmp_path / "recovery"
+        extra["LOOM_RUNTIME__EPOCH_INTERVAL_MS"] = 500
+    env = service_env(cluster, topics, group, **extra)
     cluster.produce(topics["input"], orders_bytes(0, total), keys=[b"%d" % i for i in range(total)])
     ends = cluster.end_offsets(topics["input"], total)
     with ServiceProcess(env) as first:
@@ -59,7 +67,10 @@ def test_a_killed_service_loses_nothing_after_restart(cluster: Cluster) -> None:
     ids = output_ids(cluster, topics["output"], total)
     assert set(ids) == {f"o{i}" for i in range(total)}
     duplicates = sum(ids.values()) - total
-    print(f"\ncrash test: killed after {killed_at} commits; {duplicates} duplicates on restart")
+    print(
+        f"\ncrash test ({'with' if recovery else 'without'} Bytewax recovery): killed after "
+        f"{killed_at} of {total} offsets committed; {duplicates} duplicates after restart"
+    )
     assert duplicates <= total - killed_at  # only the uncommitted window may repeat
 
 

@@ -167,6 +167,12 @@ class KafkaWriter:
                 except BufferError:
                     # The local queue is full: serve delivery reports, then retry.
                     self.producer.poll(BACKPRESSURE_POLL_S)
+                except KafkaException as exc:
+                    # Refused before sending (e.g. larger than message.max.bytes).
+                    if exc.args[0].fatal():
+                        raise
+                    self.report(record, ack, exc)
+                    break
         self.producer.poll(0)
 
     def _delivered(self, record: OutRecord, ack: Ack, error: KafkaError | None, _msg: Any) -> None:

@@ -60,6 +60,28 @@ def _failures_of(outbound: Outbound) -> list[Failure] | None:
     return outbound.failures or None
 
 
+def _nothing(chunk: Chunk) -> str | None:
+    return None
+
+
+def _keep_state(state: None, value: Any) -> tuple[None, None]:
+    return None, None
+
+
+def _recovery_anchor(chunks: Stream[Chunk]) -> None:
+    """Give a recovery-enabled dataflow one stateful operator.
+
+    Bytewax 0.21.1 ends a recovery-enabled execution right after the first
+    batch when the dataflow has no stateful operator (nothing produces
+    snapshots). Loom's operators keep no Bytewax state, so this adds a keyed
+    ``stateful_map`` on an always-empty stream: no record ever reaches it (and
+    none is exchanged between workers), it only keeps recovery running.
+    """
+    empty: Stream[str] = op.filter_map("recovery_anchor__empty", chunks, _nothing)
+    keyed = op.key_on("recovery_anchor__key", empty, str)
+    op.stateful_map("recovery_anchor", keyed, _keep_state)
+
+
 class DataflowBuilder:
     """Builds the Bytewax ``Dataflow`` of one plan for one run."""
 
@@ -75,6 +97,7 @@ class DataflowBuilder:
         run: RunState,
         settings: SourceSettings,
         observability: ObservabilityRuntime | None = None,
+        recovery: bool = False,
     ) -> None:
         self.plan = plan
         self.source = source
@@ -85,6 +108,7 @@ class DataflowBuilder:
         self.run = run
         self.settings = settings
         self.observability = observability
+        self.recovery = recovery
         self._failure_streams: list[Stream[list[Failure]]] = []
 
     def build(self) -> Dataflow:
@@ -97,6 +121,8 @@ class DataflowBuilder:
         self._branch(self.plan.root, chunks)
         failures = op.merge("failures", *self._failure_streams)
         self._errors(failures)
+        if self.recovery:
+            _recovery_anchor(chunks)
         return flow
 
     # -- records ----------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, Protocol
 
 from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from bytewax.recovery import RecoveryConfig
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from opentelemetry.trace import Status, StatusCode
 
@@ -82,6 +82,25 @@ def _runtime_kwargs(runtime: BytewaxRuntimeConfig) -> dict[str, Any]:
     }
 
 
+def _ensure_recovery_partitions(runtime: BytewaxRuntimeConfig) -> None:
+    """Create Bytewax's recovery partitions on first start.
+
+    Bytewax refuses to run with an empty recovery directory; a service
+    should not need a separate init step. Only the first process of a
+    cluster creates them (one per worker of the cluster); an existing
+    directory with partitions is left alone.
+    """
+    recovery = runtime.recovery
+    if recovery is None or runtime.process_id not in (None, 0):
+        return
+    db_dir = Path(recovery.db_dir)
+    if db_dir.is_dir() and any(db_dir.iterdir()):
+        return
+    db_dir.mkdir(parents=True, exist_ok=True)
+    processes = len(runtime.addresses) if runtime.addresses else 1
+    init_db_dir(db_dir, runtime.workers_per_process * processes)  # type: ignore[no-untyped-call]
+
+
 def _create_bridge(plan: FlowPlan, runtime: BytewaxRuntimeConfig) -> AsyncBridge | None:
     """Create an AsyncBridge configured from runtime settings, or None if not needed."""
     if not plan.has_async:
@@ -106,6 +125,7 @@ def _prepare_run(
     settings: SourceSettings | None = None,
     run_state: RunState | None = None,
     observability: ObservabilityRuntime | None = None,
+    recovery: bool = False,
 ) -> _PreparedStreamingRun:
     """Build the dataflow of ``plan`` on the given transports, plus its shutdown."""
     run = run_state or RunState()
@@ -119,6 +139,7 @@ def _prepare_run(
         run=run,
         settings=settings or SourceSettings(),
         observability=observability,
+        recovery=recovery,
     ).build()
 
     def shutdown() -> None:
@@ -130,7 +151,7 @@ def _prepare_run(
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     """Turn SIGTERM/SIGINT into a graceful drain instead of an abort.
 
     Only the main thread may install handlers; elsewhere this is a no-op.
@@ -140,11 +161,11 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def request_stop(signum: int, frame: object) -> None:
-        stop.set()
+    def on_signal(signum: int, frame: object) -> None:
+        stop()
 
     for sig in previous:
-        signal.signal(sig, request_stop)
+        signal.signal(sig, on_signal)
     try:
         yield
     finally:
@@ -266,8 +287,9 @@ class StreamingRunner:
         }
         transport = self._transport = self._transport or self._kafka_transport()
         bridge = _create_bridge(plan, runtime)
-        run_state = RunState(self._stop)
+        run_state = RunState()
         run_state.expected_workers = runtime.workers_per_process
+        run_state.recovery = runtime.recovery is not None
         try:
             prepared = _prepare_run(
                 plan,
@@ -279,12 +301,15 @@ class StreamingRunner:
                 settings=self._source_settings(runtime),
                 run_state=run_state,
                 observability=self._observability,
+                recovery=runtime.recovery is not None,
             )
         except BaseException:
             if bridge is not None:
                 bridge.close()
             raise
         self._prepared, self._run_state = prepared, run_state
+        if self._stop.is_set():  # a stop requested while starting
+            run_state.stop.set()
         return prepared
 
     def run(
@@ -344,8 +369,14 @@ class StreamingRunner:
             record_exception=True,
             set_status_on_exception=True,
         ) as span:
-            with _stop_on_signals(run.stop):
-                cli_main(prepared.dataflow, **_runtime_kwargs(runtime))  # type: ignore[no-untyped-call]
+            _ensure_recovery_partitions(runtime)
+            try:
+                with _stop_on_signals(self.request_stop):
+                    cli_main(prepared.dataflow, **_runtime_kwargs(runtime))  # type: ignore[no-untyped-call]
+            except Exception:
+                if not run.stopped_gracefully:
+                    raise
+                # A drained recovery run ends by aborting (see RunState).
             span.set_status(Status(StatusCode.OK))
 
     @contextlib.contextmanager
@@ -373,6 +404,9 @@ class StreamingRunner:
         records within ``force_shutdown_timeout_ms``, commit, return.
         """
         self._stop.set()
+        run = self._run_state
+        if run is not None:
+            run.stop.set()
 
     def shutdown(self) -> None:
         """Release adapter resources after a run or failed build."""

@@ -22,7 +22,7 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.tracing import start_record_span
 from loom.streaming.bytewax.records import Chunk, Failure, Rec, failures_for
-from loom.streaming.bytewax.state import RunState, WorkerState
+from loom.streaming.bytewax.state import GracefulStop, RunState, WorkerState
 from loom.streaming.bytewax.transport import Transport, TransportReader
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import FlowPlan
@@ -83,6 +83,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         self.decode = plan.source.binding.codec.decode
         self.settings = source.settings
         self.stop = source.run.stop
+        self.run = source.run
         self.reader = reader
         self.worker = worker
         interval = min(plan.tick_interval_ms or _MAX_TICK_MS, _MAX_TICK_MS)
@@ -211,6 +212,14 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
             if end is not None:
                 metrics.lag.labels(*label).set(max(0, end - offset))
 
+    def _finish(self) -> list[Chunk]:
+        """End this worker's input: EOF, or a graceful abort under recovery."""
+        if not self.run.recovery:
+            raise StopIteration
+        if self.run.mark_drained(self.worker.index):
+            raise GracefulStop(f"{self.flow} drained")
+        return []  # wait for the other local workers to drain
+
     def _start_drain(self) -> None:
         self._draining = True
         timeout = self.settings.drain_timeout_s
@@ -221,7 +230,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         late = self.worker.take_late_failures()
         in_flight = self.worker.progress.in_flight
         if in_flight == 0 and not late:
-            raise StopIteration
+            return self._finish()
         deadline = self._drain_deadline
         if deadline is not None and time.monotonic() >= deadline:
             logger.warning(
@@ -230,5 +239,5 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
                 in_flight,
                 extra={"flow": self.flow, "topic": self.topic, "worker": self.worker.index},
             )
-            raise StopIteration
+            return self._finish()
         return [Chunk(self.worker.index, [], late, flush=True)]

@@ -36,8 +36,18 @@ class WorkerState:
             writer.poll()
 
 
+class GracefulStop(Exception):
+    """Ends a recovery-enabled run after a complete drain (see ``RunState``)."""
+
+
 class RunState:
-    """State of one prepared run: its workers and the stop request."""
+    """State of one prepared run: its workers and the stop request.
+
+    With Bytewax recovery on, a source that *finishes* is recorded as done in
+    the recovery store, and a later execution would end at once. A drained
+    run therefore ends by raising :class:`GracefulStop` once every local
+    worker has drained, and the runner treats that as a clean stop.
+    """
 
     def __init__(self, stop: threading.Event | None = None) -> None:
         self.stop = stop or threading.Event()
@@ -46,6 +56,9 @@ class RunState:
         self._lock = threading.Lock()
         self.expected_workers = 1
         """Workers of this process; the run is ready when all have their partitions."""
+        self.recovery = False
+        self._drained: set[int] = set()
+        self.stopped_gracefully = False
 
     def worker(self, index: int) -> WorkerState:
         with self._lock:
@@ -53,6 +66,15 @@ class RunState:
             if state is None:
                 state = self._workers[index] = WorkerState(index)
             return state
+
+    def mark_drained(self, index: int) -> bool:
+        """Record a worker's finished drain; True once every local worker drained."""
+        with self._lock:
+            self._drained.add(index)
+            done = len(self._drained) >= self.expected_workers
+            if done:
+                self.stopped_gracefully = True
+            return done
 
     def mark_ready(self, index: int) -> None:
         with self._lock:
