@@ -112,6 +112,31 @@ class Cluster:
         return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
 
+class TopicTail:
+    """Follows a topic from the beginning, collecting every record as it arrives."""
+
+    def __init__(self, cluster: Cluster, topic: str) -> None:
+        self.topic = topic
+        self.records: list[Message] = []
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": cluster.bootstrap,
+                "group.id": f"tail-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+            }
+        )
+        partitions = cluster.admin.list_topics(timeout=10).topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+
+    def poll(self) -> list[Message]:
+        """Everything read so far, after taking what has arrived since the last call."""
+        self.records += [m for m in self._consumer.consume(10_000, timeout=0.1) if not m.error()]
+        return self.records
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 class BackgroundRun:
     """``runner.run()`` on a thread, stoppable like a SIGTERM'd service."""
 

@@ -45,9 +45,17 @@ def broker_binary() -> str:
 class DevBroker:
     """A running Tansu broker; use as a context manager or call start/stop."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
         self.host = host
         self.port = port or _free_port(host)
+        self.advertised_port = advertised_port or self.port
+        """The port clients are told to use (differs when a proxy is in front)."""
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,7 +71,7 @@ class DevBroker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                f"tcp://{self.host}:{self.advertised_port}",
                 "--storage-engine",
                 "memory://tansu/",
                 "--silent",
