@@ -99,9 +99,13 @@ def _runtime_config(value: Any) -> BytewaxRuntimeConfig:
             converted[name] = msgspec.convert(raw, fields[name], strict=False)
         except msgspec.ValidationError as exc:
             problems.append(f"{name} {exc}")
+    try:
+        runtime = BytewaxRuntimeConfig(**converted)
+    except ValueError as exc:  # range and cross-field checks, one line each
+        problems += str(exc).splitlines()
     if problems:
         raise ValueError("\n".join(problems))
-    return BytewaxRuntimeConfig(**converted)
+    return runtime
 
 
 def _split_addresses(text: str) -> list[str] | None:
