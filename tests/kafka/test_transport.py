@@ -9,7 +9,7 @@ import msgspec
 
 from loom.streaming import ErrorEnvelope, ExpandStep, RecordStep
 from loom.streaming.bytewax.runner import StreamingRunner
-from tests.kafka.support import BackgroundRun, Cluster, wait_until
+from tests.kafka.support import BackgroundRun, Cluster, TopicTail, wait_until
 from tests.runtime.payloads import Enriched, Order, enrich, enrich_flow
 
 
@@ -99,3 +99,19 @@ def test_filtered_and_expanded_records_commit_to_the_end(cluster: Cluster) -> No
         )
         run.stop()
     assert len(out) == expected
+
+
+def test_error_events_in_a_poll_do_not_stop_the_flow(cluster: Cluster) -> None:
+    topics = {"input": cluster.topic(2), "output": cluster.topic(2), "dlq": cluster.topic(1)}
+    settings = config(cluster, topics)
+    # Every time a partition is read to its end, the poll carries an error event.
+    settings["kafka"]["consumer"]["enable.partition.eof"] = True
+    output = TopicTail(cluster, topics["output"])
+    with BackgroundRun(StreamingRunner.from_dict(enrich_flow(), settings)) as run:
+        cluster.produce(topics["input"], order_bytes(10))
+        wait_until(lambda: len(output.poll()) == 10, 20, "the first 10 outputs")
+        cluster.produce(topics["input"], order_bytes(10))
+        wait_until(lambda: len(output.poll()) == 20, 20, "10 more after end-of-partition events")
+        assert run.thread.is_alive()
+        run.stop()
+    output.close()

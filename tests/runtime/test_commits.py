@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from loom.config import ConfigContext
 from loom.streaming import (
     BatchStep,
@@ -116,3 +118,62 @@ def test_the_source_stops_reading_when_in_flight_records_reach_the_limit() -> No
     for _ in range(10):  # nothing downstream finishes these records
         read += sum(len(chunk.records) for chunk in partition.next_batch())
     assert read == 24  # three polls of 8, then no more until records finish
+
+
+class HeldDeadLetters(MemoryTransport):
+    """Dead-letter deliveries are confirmed only once the test releases them."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__(broker)
+        self.release = threading.Event()
+        self.held = 0
+
+    def writer(self, binding, worker_index, report):  # type: ignore[no-untyped-def]
+        writer = super().writer(binding, worker_index, report)
+        return _HeldWriter(writer, self) if binding.logical == "dlq" else writer
+
+
+class _HeldWriter:
+    def __init__(self, inner, transport: HeldDeadLetters) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.transport, self.pending = inner, transport, []
+
+    def write(self, records, acks) -> None:  # type: ignore[no-untyped-def]
+        self.pending.append((records, acks))
+        self.transport.held += len(records)
+
+    def poll(self) -> None:  # called on the worker thread, like delivery reports
+        if self.transport.release.is_set():
+            for records, acks in self.pending:
+                self.inner.write(records, acks)
+            self.pending = []
+
+    def flush(self, timeout_s: float) -> None:
+        self.poll()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_nothing_is_committed_before_its_dead_letter_is_delivered() -> None:
+    def fail(order: Order) -> Order:
+        raise ValueError("always")
+
+    tester = TestRunner(enrich_flow(RecordStep(fail)))
+    transport = HeldDeadLetters(tester.broker)
+    tester.runner._use_transport(transport)
+    tester.transport = transport
+    tester.send_all(orders(5))
+    seen_while_held: list[dict[int, int]] = []
+
+    def observe(result) -> bool:  # type: ignore[no-untyped-def]
+        if transport.held == 5 and not transport.release.is_set():
+            seen_while_held.append(result.committed("input"))
+            if len(seen_while_held) >= 3:  # several polls passed with letters held
+                transport.release.set()
+        return transport.release.is_set()
+
+    result = tester.run(until=observe)
+    assert seen_while_held
+    assert all(committed == {} for committed in seen_while_held)
+    assert result.committed("input") == {0: 5}
+    assert len(result.records("dlq")) == 5

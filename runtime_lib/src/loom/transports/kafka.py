@@ -105,7 +105,7 @@ class KafkaReader:
                 good.append(message)
             elif error.fatal():
                 raise KafkaException(error)
-            else:
+            elif error.code() != KafkaError._PARTITION_EOF:  # EOF is news, not a problem
                 self._log_error(error)
         return cast("list[Origin]", good)
 
