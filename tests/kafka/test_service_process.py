@@ -183,3 +183,13 @@ def test_an_unreachable_broker_stops_the_service_with_one_clear_error(cluster: C
         _, stderr = service.output()
     assert "cannot reach Kafka at 127.0.0.1:" in stderr
     assert "Traceback" not in stderr
+
+
+def test_missing_topics_are_created_when_local_creation_is_enabled(cluster: Cluster) -> None:
+    topics = {name: f"{name}-{uuid.uuid4().hex[:6]}" for name in ("input", "output", "dlq")}
+    env = service_env(cluster, topics, "g", LOOM_KAFKA__CREATE_TOPICS="true")
+    with ServiceProcess(env) as service:
+        service.wait_ready()
+        cluster.produce(topics["input"], orders_bytes(0, 5))
+        assert len(output_ids(cluster, topics["output"], 5)) == 5
+        assert service.terminate() == 0

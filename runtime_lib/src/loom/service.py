@@ -55,7 +55,9 @@ def run_service(
         signal.signal(signal.SIGINT, on_signal)
     try:
         config = load_config(environ=env, require_kafka=True)
-        observability = ObservabilityRuntime.from_environment(flow.name)
+        observability = ObservabilityRuntime.from_environment(
+            flow.name, batch_span_ratio=config.observability.batch_span_ratio
+        )
         runner = StreamingRunner.from_context(
             flow, config=config, observability_runtime=observability
         )

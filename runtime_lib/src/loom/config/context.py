@@ -142,6 +142,8 @@ class StreamingSettings(_Section):
 
 class ObservabilitySettings(_Section):
     prometheus_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    batch_span_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    """Fraction of source polls traced with a ``batch`` span."""
 
 
 class ConfigContext(_Section):
