@@ -23,7 +23,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from prometheus_client import Gauge
 
 from loom.config.runtime import AsyncBackend
-from loom.streaming.bytewax.operators import _argument, _materialise, fan_out
+from loom.streaming.bytewax.operators import fan_out, materialise, step_argument
 from loom.streaming.bytewax.records import Chunk, Failure, Rec, error_kind_of, failures_for
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import AsyncPlan
@@ -128,7 +128,7 @@ class AsyncOp:
         for rec in chunk.records:
             while len(pending) >= limit:
                 self._resolve(*pending.popleft(), out, failed)
-            argument = _argument(rec, self.plan.takes_message)
+            argument = step_argument(rec, self.plan.takes_message)
             pending.append((rec, self.bridge.submit(self._invoke, argument)))
         while pending and pending[0][1].done():
             self._resolve(*pending.popleft(), out, failed)
@@ -160,7 +160,7 @@ class AsyncOp:
                 out.append(rec)
             return
         try:
-            results = _materialise(result)
+            results = materialise(result)
         except TypeError as exc:
             failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, exc)
             return

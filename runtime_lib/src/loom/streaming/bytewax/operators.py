@@ -38,7 +38,7 @@ def _merge(chunk: Chunk, new: list[Failure]) -> list[Failure]:
     return [*chunk.failures, *new] if new else chunk.failures
 
 
-def _argument(rec: Rec, takes_message: bool) -> Any:
+def step_argument(rec: Rec, takes_message: bool) -> Any:
     if rec.members is not None:
         return [m.as_message() for m in rec.members] if takes_message else rec.value
     return rec.as_message() if takes_message else rec.value
@@ -110,7 +110,7 @@ class ExpandOp:
         failed: list[Failure] = []
         for rec in chunk.records:
             try:
-                results = _materialise(self.fn(_argument(rec, self.takes_message)))
+                results = materialise(self.fn(step_argument(rec, self.takes_message)))
             except Exception as exc:
                 failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
                 continue
@@ -118,7 +118,7 @@ class ExpandOp:
         return chunk.derive(out, _merge(chunk, failed))
 
 
-def _materialise(results: Iterable[Any] | None) -> list[Any]:
+def materialise(results: Iterable[Any] | None) -> list[Any]:
     if results is None:
         return []
     if isinstance(results, str | bytes | dict):
