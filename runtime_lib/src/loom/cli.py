@@ -8,29 +8,24 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
-
 from loom.devtools.broker import DevBroker, DevBrokerError
+from loom.graph import add_command as add_graph_command
 
 
-def _new_topic(spec: str) -> NewTopic:
+def _topic_spec(spec: str) -> tuple[str, int]:
+    """``name[:partitions]``; without a count the broker's default (-1) applies."""
     name, _, partitions = spec.partition(":")
-    return NewTopic(name, int(partitions) if partitions else -1)
+    return name, int(partitions) if partitions else -1
 
 
 def _dev_broker(args: argparse.Namespace) -> int:
-
     try:
         broker = DevBroker(host=args.host, port=args.port).start()
     except DevBrokerError as exc:
         print(f"loom dev-broker: {exc}", file=sys.stderr)
         return 1
     try:
-        if args.topic:
-            admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
-            for future in admin.create_topics([_new_topic(spec) for spec in args.topic]).values():
-                future.result()
+        broker.create_topics(dict(_topic_spec(spec) for spec in args.topic))
         print(f"Kafka-protocol broker (Tansu, in memory) on {broker.bootstrap_servers}", flush=True)
         print(f"export LOOM_KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
         stopped = threading.Event()
@@ -58,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="create a topic at start (repeatable)",
     )
     broker.set_defaults(handler=_dev_broker)
+    add_graph_command(commands)
     return parser
 
 

@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from loom.config.settings import SettingsError, load_config
+from loom.errors import StartupError
 from loom.observability import ObservabilityRuntime
 from loom.observability.logs import configure_logging
 from loom.streaming.bytewax.runner import StreamingRunner
 from loom.streaming.errors import FlowValidationError
 from loom.streaming.nodes import StreamFlow
-from loom.transports.kafka import KafkaStartupError
 
 EXIT_OK = 0
 EXIT_STARTUP = 1
@@ -74,7 +74,7 @@ def run_service(
     logger.info("starting", extra={"topic": config.topics.get(flow.source.topic)})
     try:
         runner.run()
-    except KafkaStartupError as exc:
+    except StartupError as exc:
         logger.error("cannot start: %s", exc)
         print(f"{flow.name}: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP

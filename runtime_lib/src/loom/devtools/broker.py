@@ -18,13 +18,15 @@ from types import TracebackType
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 
 class DevBrokerError(RuntimeError):
     """The development broker could not start."""
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -53,7 +55,7 @@ class DevBroker:
         advertised_port: int | None = None,
     ) -> None:
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self.advertised_port = advertised_port or self.port
         """The port clients are told to use (differs when a proxy is in front)."""
         self._process: subprocess.Popen[bytes] | None = None
@@ -112,6 +114,15 @@ class DevBroker:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    def create_topics(self, partitions: dict[str, int], *, timeout_s: float = 10.0) -> None:
+        """Create topics (name -> partition count, -1 for the broker's default)."""
+        if not partitions:
+            return
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+        futures = admin.create_topics([NewTopic(name, count) for name, count in partitions.items()])
+        for future in futures.values():
+            future.result(timeout=timeout_s)
 
     @property
     def running(self) -> bool:

@@ -32,6 +32,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from loom.config.context import KafkaSettings
+from loom.errors import StartupError
 from loom.streaming.bytewax.acks import Ack
 from loom.streaming.bytewax.records import Origin, OutRecord
 from loom.streaming.bytewax.transport import FailureReport
@@ -46,6 +47,7 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "enable.partition.eof": False,
     "session.timeout.ms": 6000,
     "fetch.wait.max.ms": 100,
+    "log.connection.close": False,
     "logger": client_logger,
 }
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -53,13 +55,14 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "acks": "all",
     "enable.idempotence": True,
     "allow.auto.create.topics": False,
+    "log.connection.close": False,
     "logger": client_logger,
 }
 BACKPRESSURE_POLL_S = 0.05
 CLOSE_FLUSH_TIMEOUT_S = 30.0
 
 
-class KafkaStartupError(RuntimeError):
+class KafkaStartupError(StartupError):
     """The flow cannot start against this cluster; the message says why."""
 
 

@@ -18,6 +18,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from loom.config.context import ConfigContext
 from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
+from loom.errors import StartupError
 from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.server import ProbeServer
 from loom.streaming.bytewax.adapter import DataflowBuilder
@@ -386,7 +387,13 @@ class StreamingRunner:
         if port is None:
             yield
             return
-        server = ProbeServer(port, self._observability.registry, lambda: run.ready).start()
+        try:
+            server = ProbeServer(port, self._observability.registry, lambda: run.ready).start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on port {port} (LOOM_OBSERVABILITY__PROMETHEUS_PORT): "
+                f"{exc.strerror or exc}"
+            ) from None
         self.probe_port = server.port
         try:
             yield

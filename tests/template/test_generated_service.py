@@ -1,0 +1,448 @@
+"""``copier copy`` of the defaults and of three variants, each checked as a team
+would use it: rendered completely, statically valid containers and manifests,
+installable against the local runtime, and passing its own lint, type checks
+and test suite (including its integration test on the dev broker).
+
+Only Python 3.11 runs here: the 3.12 variant is installed and tested on 3.11
+(``--ignore-requires-python``) and its 3.12-specific settings are checked as
+rendered.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import yaml
+
+from loom.config.context import KafkaSettings, ObservabilitySettings
+from loom.config.settings import _CLUSTER_KEYS
+from loom.streaming.bytewax.runner import BytewaxRecoverySettings, BytewaxRuntimeConfig
+from tests.template.support import (
+    ServiceVenv,
+    compose_binary,
+    render,
+    run,
+    runtime_version,
+    tool,
+    unrendered,
+)
+
+LONG_NAME = "customer-loyalty-points-ledger-projector"  # 40 characters: the maximum
+
+
+@dataclass(frozen=True)
+class Variant:
+    id: str
+    folder: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def answer(self, name: str, default: Any) -> Any:
+        return self.data.get(name, default)
+
+    @property
+    def service_name(self) -> str:
+        return str(self.data.get("service_name", self.folder))
+
+    @property
+    def package_name(self) -> str:
+        return str(self.data.get("package_name", self.service_name.replace("-", "_")))
+
+    @property
+    def python_version(self) -> str:
+        return str(self.answer("python_version", "3.11"))
+
+    @property
+    def source(self) -> str:
+        return str(self.answer("loom_runtime_source", "index"))
+
+    @property
+    def include_k8s(self) -> bool:
+        return bool(self.answer("include_k8s", True))
+
+    @property
+    def async_backend(self) -> str:
+        return str(self.answer("async_backend", "asyncio"))
+
+
+VARIANTS = [
+    # Every answer defaulted; the service name comes from the folder name.
+    Variant("defaults", "orders-enricher"),
+    Variant(
+        "trio-path-no-k8s",
+        "payments-router",
+        {
+            "service_name": "payments-router",
+            "async_backend": "trio",
+            "include_k8s": False,
+            "loom_runtime_source": "path",
+        },
+    ),
+    Variant(
+        "py312-git-long-name",
+        "loyalty",
+        {
+            "service_name": LONG_NAME,
+            "package_name": "loyalty_ledger",
+            "python_version": "3.12",
+            "loom_runtime_source": "git",
+            "team": "loyalty",
+            "description": 'Projects "loyalty" points & ledgers \\ for <reporting>',
+            "input_topic": "prod.loyalty.events.v1",
+            "output_topic": "prod.loyalty.ledger.v1",
+            "dlq_topic": "prod.loyalty.events.dlq",
+        },
+    ),
+    Variant(
+        "private-index-trio",
+        "fraud-scorer",
+        {
+            "service_name": "fraud-scorer",
+            "async_backend": "trio",
+            "loom_runtime_index_url": "https://pypi.internal.example/simple",
+        },
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Generated:
+    path: Path
+    variant: Variant
+    template_repo: Path
+
+    def read(self, relative: str) -> str:
+        return (self.path / relative).read_text(encoding="utf-8")
+
+    def yaml(self, relative: str) -> Any:
+        return yaml.safe_load(self.read(relative))
+
+
+@pytest.fixture(scope="session", params=VARIANTS, ids=[variant.id for variant in VARIANTS])
+def generated(
+    request: pytest.FixtureRequest, template_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Generated:
+    variant: Variant = request.param
+    destination = tmp_path_factory.mktemp(variant.id) / variant.folder
+    render(template_repo, destination, variant.data)
+    return Generated(destination, variant, template_repo)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_nothing_is_left_unrendered(generated: Generated) -> None:
+    assert unrendered(generated.path) == []
+
+
+def test_the_answers_file_records_the_release_and_every_answer(
+    generated: Generated, release_tag: str
+) -> None:
+    answers = generated.yaml(".copier-answers.yml")
+    variant = generated.variant
+    assert answers["_commit"] == release_tag
+    assert answers["_src_path"] == str(generated.template_repo)
+    assert answers["service_name"] == variant.service_name
+    assert answers["package_name"] == variant.package_name
+    assert answers["loom_runtime_version"] == runtime_version()
+    for name, value in variant.data.items():
+        assert answers[name] == value, name
+    # Computed values are not answers: they follow the template on update.
+    assert not {"template_runtime_version", "base_image", "metrics_port"} & set(answers)
+
+
+def test_the_python_version_is_applied_everywhere(generated: Generated) -> None:
+    version = generated.variant.python_version
+    pyproject = tomllib.loads(generated.read("pyproject.toml"))
+    assert pyproject["project"]["requires-python"] == f">={version}"
+    assert pyproject["tool"]["ruff"]["target-version"] == "py3" + version.split(".")[1]
+    assert pyproject["tool"]["mypy"]["python_version"] == version
+    assert re.search(
+        rf"^ARG BASE_IMAGE=python:{re.escape(version)}\.\d+-slim-\w+$",
+        generated.read("Dockerfile"),
+        re.M,
+    )
+    workflow = generated.yaml(".github/workflows/ci.yml")
+    setups = [
+        step["with"]["python-version"]
+        for job in workflow["jobs"].values()
+        for step in job["steps"]
+        if step.get("uses", "").startswith("actions/setup-python")
+    ]
+    assert setups
+    assert set(setups) == {version}
+
+
+def test_the_runtime_is_pinned_and_resolved_from_the_chosen_source(generated: Generated) -> None:
+    variant = generated.variant
+    version = runtime_version()
+    pyproject = tomllib.loads(generated.read("pyproject.toml"))
+    extra = "uvloop" if variant.async_backend == "asyncio" else "trio"
+    assert f"loom-runtime[{extra}]=={version}" in pyproject["project"]["dependencies"]
+    assert f"loom-runtime[dev]=={version}" in pyproject["project"]["optional-dependencies"]["dev"]
+    assert pyproject["project"]["scripts"] == {
+        variant.service_name: f"{variant.package_name}.__main__:main"
+    }
+    lines = [
+        line
+        for line in generated.read("requirements-runtime.txt").splitlines()
+        if line and not line.startswith("#")
+    ]
+    if variant.source == "index":
+        index = variant.answer("loom_runtime_index_url", "")
+        assert lines == ([f"--index-url {index}"] if index else []) + [f"loom-runtime=={version}"]
+    elif variant.source == "git":
+        url = f"file://{generated.template_repo}"
+        subdirectory = "#subdirectory=runtime_lib"
+        assert lines == [f"loom-runtime @ git+{url}@v{version}{subdirectory}"]
+    else:
+        assert lines == [f"-e {generated.template_repo / 'runtime_lib'}"]
+
+
+def test_the_example_flow_reads_its_topics_from_the_environment(generated: Generated) -> None:
+    variant = generated.variant
+    env_example = generated.read(".env.example")
+    for logical in ("input", "output", "dlq"):
+        topic = variant.answer(f"{logical}_topic", f"{variant.service_name}.{logical}")
+        assert f"LOOM_TOPICS__{logical.upper()}={topic}\n" in env_example
+    assert f"LOOM_RUNTIME__ASYNC_BACKEND={variant.async_backend}\n" in env_example
+    flow = generated.read(f"src/{variant.package_name}/flow.py")
+    assert 'FromTopic("input", payload=Order)' in flow
+    assert 'errors=IntoTopic("dlq")' in flow
+
+
+def runtime_variables() -> set[str]:
+    """Every LOOM_* variable the installed runtime reads (from its settings models)."""
+    names = {f"LOOM_KAFKA__{name.upper()}" for name in KafkaSettings.model_fields}
+    names |= {f"LOOM_OBSERVABILITY__{name.upper()}" for name in ObservabilitySettings.model_fields}
+    runtime = [f.name for f in msgspec.structs.fields(BytewaxRuntimeConfig) if f.name != "recovery"]
+    names |= {f"LOOM_RUNTIME__{name.upper()}" for name in [*runtime, *_CLUSTER_KEYS]}
+    recovery = msgspec.structs.fields(BytewaxRecoverySettings)
+    names |= {f"LOOM_RUNTIME__RECOVERY__{f.name.upper()}" for f in recovery}
+    return names | {"LOOM_CONFIG_FILE", "LOOM_LOG_LEVEL"}
+
+
+def test_env_example_documents_every_setting_of_the_runtime(generated: Generated) -> None:
+    documented = set(re.findall(r"^#? ?((?:LOOM|OTEL)_\w+)=", generated.read(".env.example"), re.M))
+    assert runtime_variables() - documented == set()
+    assert {"LOOM_TOPICS__INPUT", "LOOM_TOPICS__OUTPUT", "LOOM_TOPICS__DLQ"} <= documented
+    assert {"OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_ENDPOINT"} <= documented
+
+
+# ---------------------------------------------------------------- containers
+
+
+def dockerfile_stages(text: str) -> list[list[str]]:
+    """Instructions (continuation lines joined) per stage; stage 0 is the preamble."""
+    logical, current = [], ""
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            logical.append(current.strip())
+            current = ""
+    stages: list[list[str]] = [[]]
+    for instruction in logical:
+        if instruction.upper().startswith("FROM "):
+            stages.append([])
+        stages[-1].append(instruction)
+    return stages
+
+
+def test_the_dockerfile_passes_hadolint_and_has_the_essentials(generated: Generated) -> None:
+    run([tool("hadolint"), "--failure-threshold", "info", "Dockerfile"], cwd=generated.path)
+    text = generated.read("Dockerfile")
+    preamble, build, final = dockerfile_stages(text)
+    # A pinned base (exact patch version), shared by both stages, overridable.
+    [base] = [i for i in preamble if i.startswith("ARG BASE_IMAGE=")]
+    assert re.fullmatch(r"ARG BASE_IMAGE=python:3\.1[12]\.\d+-slim-bookworm", base)
+    assert build[0] == "FROM ${BASE_IMAGE} AS build"
+    assert final[0] == "FROM ${BASE_IMAGE} AS runtime"
+    # The package index is a build argument; wheels/ serves offline builds.
+    for argument in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX", "PIP_FIND_LINKS"):
+        assert f"ARG {argument}" in build
+    assert any("--find-links /build/wheels" in i for i in build)
+    assert (generated.path / "wheels/README.md").exists()
+    # The final stage: the venv only, an unprivileged user, health, PID 1.
+    assert [i for i in final if i.startswith(("COPY", "ADD"))] == [
+        "COPY --from=build /opt/service /opt/service"
+    ]
+    assert not any(
+        re.search(r"pip|apt-get|gcc|build-essential", i) for i in final if i.startswith("RUN")
+    )
+    [user] = [i for i in final if i.startswith("USER ")]
+    assert user == "USER 10001:10001"
+    [health] = [i for i in final if i.startswith("HEALTHCHECK ")]
+    assert "/healthz" in health
+    assert 'CMD ["python", "-c",' in health
+    [entrypoint] = [i for i in final if i.startswith("ENTRYPOINT ")]
+    assert json.loads(entrypoint.removeprefix("ENTRYPOINT ")) == [generated.variant.service_name]
+    assert "STOPSIGNAL SIGTERM" in final
+    ignored = generated.read(".dockerignore").splitlines()
+    assert ignored[ignored.index("*") :][:1] == ["*"]  # everything not listed stays out
+
+
+def test_the_compose_file_is_valid_and_complete(generated: Generated) -> None:
+    run([compose_binary(), "config", "--quiet"], cwd=generated.path)
+    run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
+        cwd=generated.path,
+    )
+    variant = generated.variant
+    compose = generated.yaml("docker-compose.yml")
+    services = compose["services"]
+    assert set(services) == {"kafka", "topics", variant.service_name, "jaeger", "prometheus"}
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
+    assert "healthcheck" in kafka
+    topics = services["topics"]
+    assert topics["depends_on"] == {"kafka": {"condition": "service_healthy"}}
+    script = topics["command"][0]
+    for logical in ("input", "output", "dlq"):
+        assert variant.answer(f"{logical}_topic", f"{variant.service_name}.{logical}") in script
+    service = services[variant.service_name]
+    assert service["build"]["context"] == "."
+    assert service["depends_on"]["topics"] == {"condition": "service_completed_successfully"}
+    environment = service["environment"]
+    assert environment["LOOM_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:29092"
+    assert json.loads(environment["LOOM_KAFKA__CONSUMER"])["enable.auto.commit"] is False
+    assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    port = environment["LOOM_OBSERVABILITY__PROMETHEUS_PORT"]
+    prometheus = generated.yaml("observability/prometheus.yml")
+    [job] = prometheus["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"{variant.service_name}:{port}"]
+    mounts = services["prometheus"]["volumes"]
+    assert mounts == ["./observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro"]
+
+
+def test_the_ci_workflow_and_dependabot_config_are_valid(generated: Generated) -> None:
+    check = tool("check-jsonschema")
+    run(
+        [check, "--builtin-schema", "vendor.github-workflows", ".github/workflows/ci.yml"],
+        cwd=generated.path,
+    )
+    run(
+        [check, "--builtin-schema", "vendor.dependabot", ".github/dependabot.yml"],
+        cwd=generated.path,
+    )
+    steps = [
+        step.get("run", "")
+        for job in generated.yaml(".github/workflows/ci.yml")["jobs"].values()
+        for step in job["steps"]
+    ]
+    for command in ("ruff check .", "ruff format --check .", "mypy", "pytest", "docker build"):
+        assert any(command in step for step in steps), command
+
+
+def test_the_kubernetes_manifests_validate_against_the_schemas(generated: Generated) -> None:
+    k8s = generated.path / "k8s"
+    if not generated.variant.include_k8s:
+        assert not k8s.exists()
+        return
+    files = sorted(k8s.glob("*.yaml"))
+    run([tool("kubernetes-validate"), "--strict", "--quiet", *files], cwd=generated.path)
+    documents = {
+        f"{doc['kind']}/{doc['metadata']['name']}": doc
+        for path in files
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+    }
+    name = generated.variant.service_name
+    assert set(documents) == {
+        f"StatefulSet/{name}",
+        f"Service/{name}-cluster",
+        f"Service/{name}-metrics",
+        f"ConfigMap/{name}",
+    }
+    spec = documents[f"StatefulSet/{name}"]["spec"]
+    assert spec["serviceName"] == f"{name}-cluster"
+    assert spec["podManagementPolicy"] == "Parallel"
+    headless = documents[f"Service/{name}-cluster"]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["publishNotReadyAddresses"] is True
+    [container] = spec["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["LOOM_RUNTIME__PROCESS_ID_FROM_HOSTNAME"] == "true"
+    assert int(env["LOOM_RUNTIME__REPLICAS"]) == spec["replicas"]
+    sources = container["envFrom"]
+    assert sources[0] == {"configMapRef": {"name": name}}
+    assert sources[1]["secretRef"]["name"] == f"{name}-kafka"
+    assert spec["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+# ---------------------------------------------------------------- the service itself
+
+
+def install(generated: Generated, environment: ServiceVenv, wheelhouse: Path) -> None:
+    """Install the service (and loom-runtime from its declared source), as its README says."""
+    variant = generated.variant
+    options: list[str | Path] = ["--quiet"]
+    if variant.source == "index":
+        # The wheelhouse stands in for the (private) index: nothing else is reachable.
+        options += ["--no-index", "--find-links", wheelhouse]
+    if variant.python_version != "3.11":
+        options.append("--ignore-requires-python")
+    environment.pip("uninstall", "--yes", "loom-runtime", *environment.installed)
+    environment.pip(
+        "install", *options, "-r", "requirements-runtime.txt", "-e", ".[dev]", cwd=generated.path
+    )
+    environment.installed.append(variant.service_name)
+
+
+def installed_runtime(environment: ServiceVenv) -> dict[str, Any]:
+    """Version and origin (PEP 610 direct_url.json) of the installed loom-runtime."""
+    script = (
+        "import json, importlib.metadata as m; d = m.distribution('loom-runtime'); "
+        "print(json.dumps({'version': d.version, 'direct_url': json.loads("
+        "d.read_text('direct_url.json') or 'null')}))"
+    )
+    found: dict[str, Any] = json.loads(
+        run([environment.python, "-c", script], env=environment.env()).stdout
+    )
+    return found
+
+
+def test_the_service_installs_and_passes_its_checks_and_its_own_tests(
+    generated: Generated, service_venv: ServiceVenv, wheelhouse: Path
+) -> None:
+    variant = generated.variant
+    install(generated, service_venv, wheelhouse)
+
+    runtime = installed_runtime(service_venv)
+    assert runtime["version"] == runtime_version()
+    origin = runtime["direct_url"]
+    if variant.source == "index":
+        assert origin is None  # from the index (here: the wheelhouse)
+    elif variant.source == "git":
+        assert origin["vcs_info"]["requested_revision"] == f"v{runtime_version()}"
+    else:
+        assert origin["dir_info"] == {"editable": True}
+        assert origin["url"] == (generated.template_repo / "runtime_lib").as_uri()
+    # The console script runs the service; without its settings it stops before any I/O.
+    script = service_venv.bin / variant.service_name
+    unconfigured = run([script], env=service_venv.env(), check=False, timeout=60)
+    assert unconfigured.returncode == 2, unconfigured.stderr
+    assert "LOOM_KAFKA__BOOTSTRAP_SERVERS is required" in unconfigured.stderr
+
+    path = generated.path
+    service_venv.run("ruff", "check", ".", cwd=path)
+    service_venv.run("ruff", "format", "--check", ".", cwd=path)
+    service_venv.run("mypy", "--cache-dir", service_venv.mypy_cache, cwd=path)
+    package = variant.package_name
+    service_venv.run(
+        "loom", "graph", f"{package}.flow:flow", "--readme", "README.md", "--check", cwd=path
+    )
+    output = service_venv.run("python", "-m", "pytest", "-p", "no:cacheprovider", cwd=path)
+    # Flow (3), README diagram (1), service process (2), deployment files (2, +2 for k8s):
+    # all of them ran, none skipped.
+    expected = 8 + (2 if variant.include_k8s else 0)
+    assert re.search(rf"^=+ {expected} passed in ", output, re.M), output

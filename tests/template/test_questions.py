@@ -1,0 +1,119 @@
+"""copier.yml: the question contract of DESIGN.md §6, validators, settings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.version import Version
+
+from tests.template.support import REPO, run, runtime_version
+
+QUESTIONS = (
+    "service_name",
+    "package_name",
+    "team",
+    "description",
+    "input_topic",
+    "output_topic",
+    "dlq_topic",
+    "python_version",
+    "loom_runtime_version",
+    "loom_runtime_source",
+    "include_k8s",
+)
+
+
+def copier_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((REPO / "copier.yml").read_text(encoding="utf-8"))
+    return config
+
+
+def test_the_contract_questions_exist_with_their_names() -> None:
+    config = copier_config()
+    assert set(QUESTIONS) <= set(config)
+    assert config["_subdirectory"] == "template"
+    assert config["_answers_file"] == ".copier-answers.yml"
+    assert Version(config["_min_copier_version"]) >= Version("9.5")  # _copier_operation
+    assert config["python_version"]["choices"] == ["3.11", "3.12"]
+    assert set(config["loom_runtime_source"]["choices"].values()) == {"index", "git", "path"}
+    assert config["include_k8s"]["type"] == "bool"
+
+
+def test_tasks_run_only_on_copy_and_migrations_are_ready() -> None:
+    config = copier_config()
+    for task in config["_tasks"]:
+        assert task["when"] == "{{ _copier_operation == 'copy' }}"
+    assert config["_migrations"] == []
+    text = (REPO / "copier.yml").read_text(encoding="utf-8")
+    assert "#   - version: v0.2.0" in text, "the commented example of a first migration"
+
+
+def test_the_template_runtime_version_is_read_from_the_runtime_package() -> None:
+    """One source of truth: copier.yml reads runtime_lib/src/loom/__init__.py."""
+    default = copier_config()["template_runtime_version"]["default"]
+    assert "runtime_lib/src/loom/__init__.py" in default
+    assert copier_config()["loom_runtime_version"]["default"] == "{{ template_runtime_version }}"
+
+
+def pretend_copy(template_repo: Path, tmp_path: Path, **data: str) -> tuple[int, str]:
+    args = [sys.executable, "-m", "copier", "copy", "--trust", "--defaults", "--pretend"]
+    for key, value in data.items():
+        args += ["--data", f"{key}={value}"]
+    done = run([*args, template_repo, tmp_path / "service"], check=False, timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"service_name": "Orders_Enricher"}, "service_name must be kebab-case"),
+        ({"service_name": "orders--enricher"}, "service_name must be kebab-case"),
+        ({"service_name": "9orders"}, "service_name must be kebab-case"),
+        ({"service_name": "a" * 41}, "service_name must have 3 to 40 characters"),
+        ({"package_name": "orders-enricher"}, "package_name must be a snake_case"),
+        ({"package_name": "loom"}, "would shadow another package"),
+        ({"team": "Payments Team"}, "team must be lowercase"),
+        ({"input_topic": "orders input"}, "is not a valid Kafka topic name"),
+        ({"output_topic": "x" * 250}, "is not a valid Kafka topic name"),
+        ({"dlq_topic": ".."}, "is not a valid Kafka topic name"),
+        ({"output_topic": "orders-enricher.input"}, "output_topic must differ from input_topic"),
+        ({"dlq_topic": "orders-enricher.output"}, "dlq_topic must differ"),
+        ({"loom_runtime_version": "latest"}, "must be a release version X.Y.Z"),
+        ({"loom_runtime_version": "0.0.1"}, "is older than"),
+        ({"python_version": "3.10"}, "Invalid choice for 'python_version'"),
+        (
+            {"loom_runtime_source": "git", "loom_runtime_git_url": "github.com/acme/loom"},
+            "loom_runtime_git_url must be an https://",
+        ),
+        (
+            {"loom_runtime_source": "path", "loom_runtime_path": "runtime_lib"},
+            "loom_runtime_path must be an absolute path",
+        ),
+    ],
+    ids=lambda value: str(value)[:40] if isinstance(value, dict) else None,
+)
+def test_invalid_answers_are_refused_with_a_clear_message(
+    template_repo: Path, tmp_path: Path, data: dict[str, str], message: str
+) -> None:
+    code, output = pretend_copy(
+        template_repo, tmp_path, **{"service_name": "orders-enricher", **data}
+    )
+    assert code != 0
+    assert message in output, output
+    assert not (tmp_path / "service").exists()
+
+
+def test_valid_answers_are_accepted(template_repo: Path, tmp_path: Path) -> None:
+    code, output = pretend_copy(
+        template_repo,
+        tmp_path,
+        service_name="eu-orders-2",
+        team="team.payments_eu",
+        input_topic="EU_orders.v2",
+        loom_runtime_version=runtime_version(),
+    )
+    assert code == 0, output
