@@ -35,6 +35,9 @@ class ObservabilityRuntime:
 
     :param batch_span_ratio: Fraction of source polls traced with a
         ``batch`` span (0 disables them).
+    :param instrument_dataflow: False leaves only the two run spans: no
+        metrics, batch or record spans inside the dataflow (to measure what
+        observability costs).
     """
 
     def __init__(
@@ -43,7 +46,9 @@ class ObservabilityRuntime:
         *,
         registry: CollectorRegistry | None = None,
         batch_span_ratio: float = 0.01,
+        instrument_dataflow: bool = True,
     ) -> None:
+        self.instrument_dataflow = instrument_dataflow
         self.tracer_provider = tracer_provider or trace.get_tracer_provider()
         self.tracer = self.tracer_provider.get_tracer("loom.streaming")
         self.registry = registry if registry is not None else new_registry()

@@ -176,7 +176,7 @@ class DataflowBuilder:
             gauge = None
             if self.observability is not None:
                 gauge = self.observability.metrics.async_in_flight
-            return AsyncOp(self.plan.name, step, self.bridge, gauge)
+            return AsyncOp(self.plan.name, step, self.bridge, self.run, gauge)
         if step.kind == "record":
             return RecordOp(self.plan.name, step)
         return ExpandOp(self.plan.name, step)

@@ -146,7 +146,8 @@ def _prepare_run(
     def shutdown() -> None:
         run.stop.set()
         if bridge is not None:
-            bridge.close()
+            # The drain already waited force_shutdown_timeout_ms if it gave up.
+            bridge.close(abandon=run.abandoned)
 
     return _PreparedStreamingRun(dataflow, shutdown)
 
@@ -301,7 +302,9 @@ class StreamingRunner:
                 bridge=bridge,
                 settings=self._source_settings(runtime),
                 run_state=run_state,
-                observability=self._observability,
+                observability=(
+                    self._observability if self._observability.instrument_dataflow else None
+                ),
                 recovery=runtime.recovery is not None,
             )
         except BaseException:

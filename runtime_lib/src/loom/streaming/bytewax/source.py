@@ -116,7 +116,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         in_flight = worker.progress.in_flight
         records: list[Rec] = []
         failures = worker.take_late_failures()
-        if in_flight < self.settings.max_in_flight:
+        if in_flight < self.settings.max_in_flight and not worker.saturated:
             origins = self.reader.poll(self.settings.max_poll_records)
             if origins:
                 records, decode_failures = self._read(origins)
@@ -233,6 +233,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
             return self._finish()
         deadline = self._drain_deadline
         if deadline is not None and time.monotonic() >= deadline:
+            self.run.abandoned = True
             logger.warning(
                 "stopping with %d records unfinished after the drain timeout; "
                 "they stay uncommitted and will be read again",

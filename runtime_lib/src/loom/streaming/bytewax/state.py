@@ -22,6 +22,8 @@ class WorkerState:
         self._late: list[Failure] = []
         self.fatal: BaseException | None = None
         """An error that must stop the run before anything more is committed."""
+        self.async_backlog: dict[str, int] = {}
+        """Per async node: records waiting beyond its backlog limit (> 0 pauses polling)."""
 
     def report(self, failures: list[Failure]) -> None:
         """Failures found outside the operators (refused deliveries)."""
@@ -30,6 +32,11 @@ class WorkerState:
     def take_late_failures(self) -> list[Failure]:
         late, self._late = self._late, []
         return late
+
+    @property
+    def saturated(self) -> bool:
+        """An async node holds too many waiting records: stop reading for now."""
+        return any(excess > 0 for excess in self.async_backlog.values())
 
     def poll_writers(self) -> None:
         for writer in self.writers:
@@ -57,6 +64,8 @@ class RunState:
         self.expected_workers = 1
         """Workers of this process; the run is ready when all have their partitions."""
         self.recovery = False
+        self.abandoned = False
+        """A drain gave up on unfinished records (force_shutdown_timeout_ms)."""
         self._drained: set[int] = set()
         self.stopped_gracefully = False
 
