@@ -112,6 +112,11 @@ class WithAsync:
     ``fn`` is an async function (used like a :class:`RecordStep`) or a
     ``RecordStep``/``ExpandStep``/``BatchStep`` wrapping one. A call that takes
     longer than ``timeout_ms`` becomes a ``TIMEOUT`` error.
+
+    ``max_concurrency`` is per Bytewax worker and spans polls: the next record
+    starts as soon as any call finishes. Results leave in input order, so
+    per-partition order is preserved (a slow call holds back the ones after
+    it, never more than the window).
     """
 
     fn: Callable[..., Any] | RecordStep | ExpandStep | BatchStep
