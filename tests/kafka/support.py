@@ -40,6 +40,27 @@ class Cluster:
         self.admin.create_topics([NewTopic(name, partitions)])[name].result()
         return name
 
+    def flow_config(
+        self,
+        topics: dict[str, str],
+        *,
+        kafka: dict[str, Any] | None = None,
+        runtime: dict[str, Any] | None = None,
+        observability: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A runner config for ``topics`` on this broker: a fresh group, tracked commits."""
+        return {
+            "kafka": {
+                "bootstrap_servers": self.bootstrap,
+                "group_id": f"g-{uuid.uuid4().hex[:8]}",
+                "consumer": {"enable.auto.commit": False, "auto.commit.interval.ms": 100},
+                **(kafka or {}),
+            },
+            "topics": topics,
+            "streaming": {"runtime": runtime or {}},
+            "observability": observability or {},
+        }
+
     def produce(
         self,
         topic: str,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import msgspec
@@ -20,18 +19,6 @@ from loom.streaming import (
 from loom.streaming.bytewax.runner import StreamingRunner
 from tests.kafka.support import BackgroundRun, Cluster, wait_until
 from tests.runtime.payloads import Enriched, Order, enrich, enrich_flow
-
-
-def settings(cluster: Cluster, topics: dict[str, str], **kafka: Any) -> dict[str, Any]:
-    return {
-        "kafka": {
-            "bootstrap_servers": cluster.bootstrap,
-            "group_id": f"g-{uuid.uuid4().hex[:8]}",
-            "consumer": {"enable.auto.commit": False, "auto.commit.interval.ms": 100},
-            **kafka,
-        },
-        "topics": topics,
-    }
 
 
 def new_topics(cluster: Cluster, partitions: int = 1) -> dict[str, str]:
@@ -58,7 +45,7 @@ def test_a_full_producer_queue_slows_the_flow_down_instead_of_crashing_it(
     topics = new_topics(cluster, 2)
     total = 3000
     cluster.produce(topics["input"], [msgspec.json.encode(Order(f"o{i}", i)) for i in range(total)])
-    config = settings(cluster, topics, producer={"queue.buffering.max.messages": 20})
+    config = cluster.flow_config(topics, kafka={"producer": {"queue.buffering.max.messages": 20}})
     run_until_committed(cluster, enrich_flow(), config, total)
     assert len(cluster.read(topics["output"], total)) == total
 
@@ -73,7 +60,7 @@ def test_a_record_the_broker_refuses_for_good_is_a_delivery_error(cluster: Clust
         topics["input"],
         [msgspec.json.encode(Order(name, 1)) for name in ("a", "big", "b")],
     )
-    config = settings(cluster, topics, producer={"message.max.bytes": 4096})
+    config = cluster.flow_config(topics, kafka={"producer": {"message.max.bytes": 4096}})
     run_until_committed(cluster, enrich_flow(RecordStep(inflate), RecordStep(enrich)), config, 3)
     assert [m.value() for m in cluster.read(topics["output"], 2)] == [
         b'{"id":"a","amount":1.0,"large":false}',
@@ -100,7 +87,7 @@ def test_msgpack_in_and_out_keeps_keys_and_headers(cluster: Cluster) -> None:
         keys=[b"key-m", b"key-x"],
         headers=[("tenant", b"acme")],
     )
-    run_until_committed(cluster, flow, settings(cluster, topics), 2)
+    run_until_committed(cluster, flow, cluster.flow_config(topics), 2)
     [out] = cluster.read(topics["output"], 1)
     assert msgspec.msgpack.decode(out.value(), type=Enriched) == Enriched("m", 2.5, False)
     assert out.key() == b"key-m"
@@ -123,6 +110,6 @@ def test_raw_bytes_pass_through_untouched(cluster: Cluster) -> None:
         errors=IntoTopic("dlq"),
     )
     cluster.produce(topics["input"], [b"\x00bytes\xff"], keys=[b"k"], headers=[("h", b"1")])
-    run_until_committed(cluster, flow, settings(cluster, topics), 1)
+    run_until_committed(cluster, flow, cluster.flow_config(topics), 1)
     [out] = cluster.read(topics["output"], 1)
     assert (out.value(), out.key(), out.headers()) == (b"\x00BYTES\xff", b"new-key", [("h", b"1")])

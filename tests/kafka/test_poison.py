@@ -23,14 +23,7 @@ def running_service(broker: DevBroker) -> Iterator[tuple[Cluster, dict[str, Topi
     """One service for every example: it must survive them all."""
     cluster = Cluster(broker.bootstrap_servers)
     topics = {name: cluster.topic(3, name) for name in ("input", "output", "dlq")}
-    config: dict[str, Any] = {
-        "kafka": {
-            "bootstrap_servers": cluster.bootstrap,
-            "group_id": f"poison-{uuid.uuid4().hex[:6]}",
-            "consumer": {"enable.auto.commit": False},
-        },
-        "topics": topics,
-    }
+    config = cluster.flow_config(topics)
     tails = {name: TopicTail(cluster, topic) for name, topic in topics.items()}
     with BackgroundRun(StreamingRunner.from_dict(enrich_flow(), config)) as run:
         yield cluster, tails

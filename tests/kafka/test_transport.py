@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from typing import Any
-
 import msgspec
 
 from loom.streaming import ErrorEnvelope, ExpandStep, RecordStep
@@ -13,25 +10,13 @@ from tests.kafka.support import BackgroundRun, Cluster, TopicTail, wait_until
 from tests.runtime.payloads import Enriched, Order, enrich, enrich_flow
 
 
-def config(cluster: Cluster, topics: dict[str, str], **runtime: Any) -> dict[str, Any]:
-    return {
-        "kafka": {
-            "bootstrap_servers": cluster.bootstrap,
-            "group_id": f"g-{uuid.uuid4().hex[:8]}",
-            "consumer": {"enable.auto.commit": False, "auto.commit.interval.ms": 200},
-        },
-        "topics": topics,
-        "streaming": {"runtime": runtime},
-    }
-
-
 def order_bytes(count: int) -> list[bytes]:
     return [msgspec.json.encode(Order(f"o{i}", float(i))) for i in range(count)]
 
 
 def test_records_flow_from_input_to_output_and_offsets_are_committed(cluster: Cluster) -> None:
     topics = {"input": cluster.topic(3), "output": cluster.topic(3), "dlq": cluster.topic(1)}
-    settings = config(cluster, topics)
+    settings = cluster.flow_config(topics)
     cluster.produce(topics["input"], order_bytes(3000), keys=[b"k%d" % i for i in range(3000)])
     runner = StreamingRunner.from_dict(enrich_flow(), settings)
     with BackgroundRun(runner) as run:
@@ -53,7 +38,7 @@ def test_poison_records_go_to_the_dlq_with_their_bytes_and_the_flow_keeps_going(
 ) -> None:
     topics = {"input": cluster.topic(1), "output": cluster.topic(1), "dlq": cluster.topic(1)}
     cluster.produce(topics["input"], [b"{bad", None, *order_bytes(5)])
-    runner = StreamingRunner.from_dict(enrich_flow(), config(cluster, topics))
+    runner = StreamingRunner.from_dict(enrich_flow(), cluster.flow_config(topics))
     with BackgroundRun(runner) as run:
         out = cluster.read(topics["output"], 5)
         dead = cluster.read(topics["dlq"], 2)
@@ -66,7 +51,7 @@ def test_poison_records_go_to_the_dlq_with_their_bytes_and_the_flow_keeps_going(
 
 def test_a_restarted_flow_resumes_from_the_committed_offsets(cluster: Cluster) -> None:
     topics = {"input": cluster.topic(2), "output": cluster.topic(2), "dlq": cluster.topic(1)}
-    settings = config(cluster, topics)
+    settings = cluster.flow_config(topics)
     cluster.produce(topics["input"], order_bytes(100))
     with BackgroundRun(StreamingRunner.from_dict(enrich_flow(), settings)) as run:
         cluster.read(topics["output"], 100)
@@ -80,7 +65,7 @@ def test_a_restarted_flow_resumes_from_the_committed_offsets(cluster: Cluster) -
 
 def test_filtered_and_expanded_records_commit_to_the_end(cluster: Cluster) -> None:
     topics = {"input": cluster.topic(2), "output": cluster.topic(2), "dlq": cluster.topic(1)}
-    settings = config(cluster, topics)
+    settings = cluster.flow_config(topics)
     cluster.produce(topics["input"], order_bytes(400))
 
     def fan(order: Order) -> list[Order]:
@@ -103,7 +88,7 @@ def test_filtered_and_expanded_records_commit_to_the_end(cluster: Cluster) -> No
 
 def test_error_events_in_a_poll_do_not_stop_the_flow(cluster: Cluster) -> None:
     topics = {"input": cluster.topic(2), "output": cluster.topic(2), "dlq": cluster.topic(1)}
-    settings = config(cluster, topics)
+    settings = cluster.flow_config(topics)
     # Every time a partition is read to its end, the poll carries an error event.
     settings["kafka"]["consumer"]["enable.partition.eof"] = True
     output = TopicTail(cluster, topics["output"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import msgspec
@@ -39,15 +38,7 @@ def value(metrics: dict[Any, float], name: str, **labels: str) -> float:
 def test_a_known_run_is_counted_exactly_and_scraped_over_http(cluster: Cluster) -> None:
     topics = {name: cluster.topic(2, name) for name in ("input", "output", "dlq")}
     port = free_port()
-    config = {
-        "kafka": {
-            "bootstrap_servers": cluster.bootstrap,
-            "group_id": f"m-{uuid.uuid4().hex[:6]}",
-            "consumer": {"enable.auto.commit": False, "auto.commit.interval.ms": 100},
-        },
-        "topics": topics,
-        "observability": {"prometheus_port": port},
-    }
+    config = cluster.flow_config(topics, observability={"prometheus_port": port})
     cluster.produce(
         topics["input"],
         [msgspec.json.encode(Order(str(i), float(i))) for i in range(995)] + [b"not json"] * 5,

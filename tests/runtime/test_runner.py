@@ -7,49 +7,14 @@ from typing import Any
 
 import pytest
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from loom.observability import ObservabilityRuntime, Scope
+from loom.observability import ObservabilityRuntime
 from loom.streaming import FromTopic, IntoSink, IntoTopic, Process, RecordStep, StreamFlow
 from loom.streaming.bytewax.runner import StreamingRunner
 from loom.streaming.testing import RunResult, TestRunner
 from tests.runtime.payloads import Order, enrich_flow, orders
-
-
-@pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
-def observability(exporter: InMemorySpanExporter) -> ObservabilityRuntime:
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return ObservabilityRuntime(tracer_provider=provider)
-
-
-def test_run_emits_a_flow_span_inside_a_poll_cycle_span(
-    exporter: InMemorySpanExporter, observability: ObservabilityRuntime
-) -> None:
-    tester = TestRunner(enrich_flow(), observability_runtime=observability)
-    tester.send_all(orders(3))
-    tester.run()
-    spans = {span.name: span for span in exporter.get_finished_spans()}
-    cycle, flow = spans["poll_cycle orders"], spans["flow orders"]
-    assert flow.parent is not None
-    assert flow.parent.span_id == cycle.context.span_id
-    assert cycle.attributes is not None
-    assert flow.attributes is not None
-    assert cycle.attributes["loom.scope"] == Scope.POLL_CYCLE.value
-    assert flow.attributes["loom.scope"] == Scope.FLOW.value
-    assert flow.attributes["loom.node_count"] == tester.runner.plan.node_count
-    assert flow.status.status_code is StatusCode.OK
-    assert cycle.start_time is not None
-    assert flow.start_time is not None
-    assert cycle.start_time <= flow.start_time
 
 
 class ExplodingSink(DynamicSink[Any]):

@@ -38,6 +38,7 @@ from loom.streaming.nodes import (
     Router,
     StreamFlow,
     WithAsync,
+    display_name,
 )
 
 __all__ = ["MARKER_END", "MARKER_START", "add_command", "embed", "fenced", "load_flow", "mermaid"]
@@ -47,13 +48,6 @@ MARKER_END = "<!-- loom-graph:end -->"
 
 _STEP_FAILURES = (ErrorKind.TASK, ErrorKind.BUSINESS)
 _ALL_KINDS = tuple(ErrorKind)
-
-
-def _name(obj: Any) -> str:
-    name = getattr(obj, "__name__", None)
-    if name == "<lambda>":
-        return "lambda"
-    return name if isinstance(name, str) else type(obj).__name__
 
 
 def _type_name(tp: Any) -> str:
@@ -125,13 +119,13 @@ class _Drawing:
     def step(self, node: Any) -> str:
         if isinstance(node, RecordStep | ExpandStep | BatchStep):
             kind = type(node).__name__
-            node_id = self.node(("[", "]"), _label(f"{kind}: {node.name or _name(node.fn)}"))
+            node_id = self.node(("[", "]"), _label(f"{kind}: {node.name or display_name(node.fn)}"))
             self.can_fail(node_id, *_STEP_FAILURES)
             return node_id
         if isinstance(node, WithAsync):
             inner = node.fn
             fn = inner.fn if isinstance(inner, RecordStep | ExpandStep | BatchStep) else inner
-            name = node.name or getattr(inner, "name", None) or _name(fn)
+            name = node.name or getattr(inner, "name", None) or display_name(fn)
             limits = f"max_concurrency {node.max_concurrency}"
             if node.timeout_ms is not None:
                 limits += f", timeout {node.timeout_ms} ms"
@@ -170,7 +164,7 @@ class _Drawing:
     def routes(self, node: Router, router_id: str) -> None:
         self.can_fail(router_id, *_STEP_FAILURES)
         for route in node.routes:
-            self.target(route.to, router_id, f"when {_name(route.when)}")
+            self.target(route.to, router_id, f"when {display_name(route.when)}")
         if node.default is not None:
             self.target(node.default, router_id, "default")
         else:

@@ -36,6 +36,7 @@ from loom.streaming.nodes import (
     Router,
     StreamFlow,
     WithAsync,
+    display_name,
 )
 from loom.streaming.plan import (
     AsyncPlan,
@@ -163,7 +164,7 @@ class _Compiler:
         except (NameError, TypeError, ValueError):
             return _Signature(is_async, False, UNKNOWN, UNKNOWN)
         if not params:
-            self.problem(f"{where}: {_name(fn)} must take the record as its first argument")
+            self.problem(f"{where}: {display_name(fn)} must take the record as its first argument")
             return None
         accepts = hints.get(params[0].name, UNKNOWN)
         element = _element_type(accepts, None)
@@ -181,20 +182,22 @@ class _Compiler:
             expected = _element_type(expected, UNKNOWN)
         if _is_class(actual) and _is_class(expected) and not issubclass(actual, expected):
             self.problem(
-                f"{where} expects {_name(expected)} but receives {_name(actual)} "
+                f"{where} expects {display_name(expected)} but receives {display_name(actual)} "
                 "from the previous node"
             )
 
     def step(self, node: RecordStep | ExpandStep | BatchStep, stream: _Stream) -> ChainPlan | None:
         kind: StepKind = _STEP_KINDS[type(node)]
-        node_id = self.claim_id(node.name or _name(node.fn))
+        node_id = self.claim_id(node.name or display_name(node.fn))
         where = f"{type(node).__name__} {node_id!r}"
         sig = self.signature(node.fn, where)
         self.check_batching(kind, stream, where)
         if sig is None:
             return None
         if sig.is_async:
-            self.problem(f"{where}: {_name(node.fn)} is async; wrap the step in WithAsync(...)")
+            self.problem(
+                f"{where}: {display_name(node.fn)} is async; wrap the step in WithAsync(...)"
+            )
         self.check_type(stream, sig.accepts, where)
         self.advance(stream, kind, sig.returns)
         return StepPlan(node_id, kind, node.fn, sig.takes_message)
@@ -203,7 +206,7 @@ class _Compiler:
         inner = node.fn
         fn = inner.fn if isinstance(inner, RecordStep | ExpandStep | BatchStep) else inner
         kind: StepKind = _STEP_KINDS.get(type(inner), "batch" if stream.batched else "record")
-        node_id = self.claim_id(node.name or getattr(inner, "name", None) or _name(fn))
+        node_id = self.claim_id(node.name or getattr(inner, "name", None) or display_name(fn))
         where = f"WithAsync {node_id!r}"
         if node.max_concurrency < 1:
             self.problem(f"{where}: max_concurrency must be >= 1, got {node.max_concurrency}")
@@ -214,7 +217,7 @@ class _Compiler:
         if sig is None:
             return None
         if not sig.is_async:
-            self.problem(f"{where}: {_name(fn)} is not an async function (use RecordStep)")
+            self.problem(f"{where}: {display_name(fn)} is not an async function (use RecordStep)")
         self.check_type(stream, sig.accepts, where)
         self.advance(stream, kind, sig.returns)
         return AsyncPlan(
@@ -387,13 +390,6 @@ def compile_flow(flow: StreamFlow[Any, Any], config: ConfigContext) -> FlowPlan:
     :raises FlowValidationError: listing every problem found.
     """
     return _Compiler(flow, config).compile()
-
-
-def _name(obj: Any) -> str:
-    name = getattr(obj, "__name__", None)
-    if name == "<lambda>":
-        return "lambda"
-    return name if isinstance(name, str) else type(obj).__name__
 
 
 def _is_class(tp: Any) -> bool:

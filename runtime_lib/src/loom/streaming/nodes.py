@@ -20,6 +20,14 @@ T = TypeVar("T")
 CodecName: TypeAlias = Literal["json", "msgpack", "raw"]
 
 
+def display_name(obj: Any) -> str:
+    """A function's name for ids and diagrams (``lambda`` for lambdas)."""
+    name = getattr(obj, "__name__", None)
+    if name == "<lambda>":
+        return "lambda"
+    return name if isinstance(name, str) else type(obj).__name__
+
+
 @dataclass(frozen=True)
 class FromTopic(Generic[T]):
     """Consume a topic, decoding each value into ``payload``.

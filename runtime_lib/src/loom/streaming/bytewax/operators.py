@@ -44,16 +44,18 @@ def step_argument(rec: Rec, takes_message: bool) -> Any:
     return rec.as_message() if takes_message else rec.value
 
 
-class RecordOp:
-    """``RecordStep``: one result per record; ``None`` drops the record."""
+class _StepOp:
+    """A user function applied by an operator, with what failures need to name."""
 
     def __init__(self, flow: str, plan: StepPlan) -> None:
-        self.flow, self.node, self.fn, self.takes_message = (
-            flow,
-            plan.node_id,
-            plan.fn,
-            plan.takes_message,
-        )
+        self.flow = flow
+        self.node = plan.node_id
+        self.fn = plan.fn
+        self.takes_message = plan.takes_message
+
+
+class RecordOp(_StepOp):
+    """``RecordStep``: one result per record; ``None`` drops the record."""
 
     def __call__(self, chunk: Chunk) -> Chunk:
         if not chunk.records:
@@ -88,20 +90,12 @@ def fan_out(rec: Rec, results: list[Any], ack: Ack, out: list[Rec]) -> None:
         out.append(child)
 
 
-class ExpandOp:
+class ExpandOp(_StepOp):
     """``ExpandStep``/``BatchStep``: zero or more results per record or batch.
 
     Results are materialised before any is emitted, so a step that raises
     halfway sends the whole input to the error route and no partial output.
     """
-
-    def __init__(self, flow: str, plan: StepPlan) -> None:
-        self.flow, self.node, self.fn, self.takes_message = (
-            flow,
-            plan.node_id,
-            plan.fn,
-            plan.takes_message,
-        )
 
     def __call__(self, chunk: Chunk) -> Chunk:
         if not chunk.records:
