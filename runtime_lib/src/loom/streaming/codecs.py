@@ -30,6 +30,11 @@ class Codec(Protocol):
 
     def encode(self, value: Any) -> bytes: ...
 
+    @property
+    def decoder(self) -> Callable[[bytes], Any]:
+        """The fastest callable that decodes (it may raise its own error types)."""
+        ...
+
 
 def _is_pydantic_model(tp: object) -> bool:
     return isinstance(tp, type) and issubclass(tp, pydantic.BaseModel)
@@ -60,6 +65,11 @@ class MsgspecCodec:
     def encode(self, value: Any) -> bytes:
         return self._encode(value)
 
+    @property
+    def decoder(self) -> Callable[[bytes], Any]:
+        """msgspec's own ``decode``: no wrapper frame on the per-record path."""
+        return self._decode
+
 
 class PydanticJsonCodec:
     """JSON through pydantic, for payload types that are pydantic models."""
@@ -76,6 +86,10 @@ class PydanticJsonCodec:
     def encode(self, value: Any) -> bytes:
         return self._adapter.dump_json(value)
 
+    @property
+    def decoder(self) -> Callable[[bytes], Any]:
+        return self.decode
+
 
 class RawCodec:
     """Bytes in, bytes out."""
@@ -87,6 +101,10 @@ class RawCodec:
         if isinstance(value, bytes | bytearray | memoryview):
             return bytes(value)
         raise TypeError(f"the raw codec writes bytes, got {type(value).__name__}")
+
+    @property
+    def decoder(self) -> Callable[[bytes], Any]:
+        return self.decode
 
 
 def build_codec(fmt: CodecName, payload_type: Any) -> Codec:

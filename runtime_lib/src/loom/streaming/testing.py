@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -97,7 +97,7 @@ class MemoryBroker:
         value: bytes | None,
         *,
         key: bytes | None = None,
-        headers: Headers = (),
+        headers: Sequence[tuple[str, bytes]] = (),
         partition: int | None = None,
     ) -> MemoryRecord:
         """Append a record; without ``partition`` the key (or round robin) chooses."""

@@ -47,6 +47,9 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "enable.partition.eof": False,
     "session.timeout.ms": 6000,
     "fetch.wait.max.ms": 100,
+    # librdkafka's default (1000 ms) stops fetching for a second whenever its
+    # prefetch queue is full; a consumer faster than the queue then starves.
+    "fetch.queue.backoff.ms": 10,
     "log.connection.close": False,
     "logger": client_logger,
 }

@@ -39,13 +39,18 @@ class Ack:
 
 
 class OffsetAck(Ack):
-    """The ack of one consumed offset; finished when ``pending`` is zero."""
+    """The ack of consumed offsets of one partition, up to ``offset``.
 
-    __slots__ = ("offset",)
+    One ack covers the ``count`` records of a partition taken by one poll
+    (an object per poll, not per record): it finishes when all of them have.
+    """
 
-    def __init__(self, offset: int) -> None:
-        self.pending = 1
+    __slots__ = ("count", "offset")
+
+    def __init__(self, offset: int, count: int = 1) -> None:
+        self.pending = count
         self.offset = offset
+        self.count = count
 
 
 class GroupAck(Ack):
@@ -65,31 +70,37 @@ class GroupAck(Ack):
 class PartitionProgress:
     """Acks of one partition in consumption order."""
 
-    __slots__ = ("_acks", "partition", "uncommitted")
+    __slots__ = ("_acks", "partition", "records", "uncommitted")
 
     def __init__(self, partition: int) -> None:
         self.partition = partition
         self._acks: deque[OffsetAck] = deque()
+        self.records = 0
+        """Records consumed and not yet finished."""
         self.uncommitted: int | None = None
         """The commit point reached but not yet committed, if any."""
 
-    def track(self, offset: int) -> OffsetAck:
-        ack = OffsetAck(offset)
+    def track(self, last_offset: int, count: int = 1) -> OffsetAck:
+        """Track ``count`` consecutive records ending at ``last_offset``."""
+        ack = OffsetAck(last_offset, count)
         self._acks.append(ack)
+        self.records += count
         return ack
 
     def advance(self) -> int:
-        """Drop the finished prefix and return how many offsets remain in flight.
+        """Drop the finished prefix and return how many records remain in flight.
 
         Kafka's committed offset is the *next* offset to read, hence ``+ 1``.
         """
         acks = self._acks
         last = None
         while acks and acks[0].pending == 0:
-            last = acks.popleft().offset
+            done = acks.popleft()
+            self.records -= done.count
+            last = done.offset
         if last is not None:
             self.uncommitted = last + 1
-        return len(acks)
+        return self.records
 
 
 class WorkerProgress:

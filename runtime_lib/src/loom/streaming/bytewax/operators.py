@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import Counter
@@ -223,6 +223,7 @@ class EncodeOp:
 
     def __call__(self, chunk: Chunk) -> Outbound:
         encode, expected = self.codec.encode, self.expected
+        new_record = tuple.__new__  # NamedTuple's own __new__ is a Python frame
         items: list[OutRecord] = []
         acks: list[Ack] = []
         failed: list[Failure] = []
@@ -238,11 +239,16 @@ class EncodeOp:
             except Exception as exc:
                 failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, exc)
                 continue
-            headers = rec.out_headers()
+            origin = rec.origin
+            headers: Sequence[tuple[str, bytes]]
+            if rec.key is None and rec.headers is None and origin is not None:
+                key, headers = origin.key(), origin.headers() or ()  # the common case
+            else:
+                key, headers = rec.out_key(), rec.out_headers()
             if rec.span is not None:
                 headers = with_trace_headers(rec.span, headers)
                 end_span(rec.span)
-            items.append(OutRecord(rec.out_key(), data, headers, rec))
+            items.append(new_record(OutRecord, (key, data, headers, rec)))
             acks.append(rec.ack)
         return Outbound(items, acks, _merge(chunk, failed))
 

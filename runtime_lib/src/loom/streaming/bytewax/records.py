@@ -157,7 +157,7 @@ class OutRecord(NamedTuple):
 
     key: bytes | None
     value: bytes
-    headers: Headers
+    headers: Sequence[tuple[str, bytes]]
     source: Rec | None = None
 
 

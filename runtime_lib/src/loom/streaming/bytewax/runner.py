@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -150,6 +151,28 @@ def _prepare_run(
             bridge.close(abandon=run.abandoned)
 
     return _PreparedStreamingRun(dataflow, shutdown)
+
+
+@contextlib.contextmanager
+def _relaxed_gc() -> Iterator[None]:
+    """Collect cycles rarely while records flow.
+
+    Every record in flight holds a few container objects until its delivery
+    is confirmed; with default thresholds the cyclic collector walks all of
+    them thousands of times per second (measured: ~40% of a worker's CPU)
+    and finds nothing, since records form no cycles. Start-up objects are
+    frozen out of its view and the young generation is collected every
+    100,000 allocations instead of 700.
+    """
+    previous = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
@@ -375,7 +398,7 @@ class StreamingRunner:
         ) as span:
             _ensure_recovery_partitions(runtime)
             try:
-                with _stop_on_signals(self.request_stop):
+                with _stop_on_signals(self.request_stop), _relaxed_gc():
                     cli_main(prepared.dataflow, **_runtime_kwargs(runtime))  # type: ignore[no-untyped-call]
             except Exception:
                 if not run.stopped_gracefully:

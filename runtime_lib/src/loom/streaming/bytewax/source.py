@@ -10,6 +10,7 @@ drain timeout passes), commits, and ends.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
@@ -29,7 +30,7 @@ from loom.streaming.plan import FlowPlan
 
 logger = logging.getLogger("loom.streaming.source")
 
-_MAX_TICK_MS = 20
+_MAX_TICK_MS = 5
 """Idle workers with unfinished records wake at least this often (ms), to poll
 delivery reports and let batch timeouts and async results progress."""
 _DRAIN_POLL = timedelta(milliseconds=1)
@@ -80,7 +81,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         self.flow = plan.name
         self.node = plan.source.node_id
         self.topic = plan.source.binding.physical
-        self.decode = plan.source.binding.codec.decode
+        self.decode = plan.source.binding.codec.decoder
         self.settings = source.settings
         self.stop = source.run.stop
         self.run = source.run
@@ -162,13 +163,16 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         decode, progress, tracer = self.decode, self.worker.progress, self._tracer
         records: list[Rec] = []
         failures: list[Failure] = []
-        tracked: dict[int, Any] = {}
-        for origin in origins:
-            partition = origin.partition()
-            track = tracked.get(partition)
-            if track is None:
-                track = tracked[partition] = progress.partition(partition).track
-            rec = Rec(None, origin, track(origin.offset()))
+        # One ack per partition per poll: a poll's records of a partition are
+        # consecutive offsets, and the last one seen marks the range's end.
+        partitions = [origin.partition() for origin in origins]
+        last_of = dict(zip(partitions, origins, strict=True))
+        counts = collections.Counter(partitions)
+        acks = {
+            p: progress.partition(p).track(last.offset(), counts[p]) for p, last in last_of.items()
+        }
+        for origin, partition in zip(origins, partitions, strict=True):
+            rec = Rec(None, origin, acks[partition])
             if tracer is not None:
                 headers = origin.headers()
                 if headers:
