@@ -15,8 +15,8 @@ positions on its own schedule (the documented at-most-once default).
 
 from __future__ import annotations
 
-import functools
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -148,18 +148,89 @@ class KafkaReader:
         self.consumer.close()
 
 
+class DeliveryWindow:
+    """Confirms a worker's produced records in windows instead of one by one.
+
+    The producer reports errors only (``delivery.report.only.error``): a
+    per-record delivery callback costs more than producing the record. The
+    window holds every record produced since the last confirmation; every
+    ``confirm_interval_s`` (or ``max_records``) :meth:`settle` flushes the
+    producer, and once ``flush()`` has returned with nothing outstanding,
+    every record of the window is either reported as failed or was
+    acknowledged by the broker, so its ack is released. Commits therefore
+    still never pass an unconfirmed record.
+    """
+
+    confirm_interval_s = 0.2
+    max_records = 20_000
+    flush_timeout_s = 1.0
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.producer = Producer(
+            {**config, "delivery.report.only.error": True, "on_delivery": self.on_error}
+        )
+        self._records: list[tuple[str, OutRecord, Ack, FailureReport]] = []
+        self._failed: dict[tuple[str, bytes | None, bytes | None], list[KafkaError]] = {}
+        self._opened = 0.0
+
+    def on_error(self, error: KafkaError | None, message: Any) -> None:
+        """The producer's delivery callback: called for failed records only."""
+        if error is not None:
+            key = (message.topic(), message.key(), message.value())
+            self._failed.setdefault(key, []).append(error)
+
+    def add(self, topic: str, record: OutRecord, ack: Ack, report: FailureReport) -> None:
+        if not self._records:
+            self._opened = time.monotonic()
+        self._records.append((topic, record, ack, report))
+
+    def settle(self, *, force: bool = False) -> None:
+        """Confirm the window if it is due (or ``force``) and the producer drained."""
+        records = self._records
+        if not records:
+            self.producer.poll(0)
+            return
+        due = len(records) >= self.max_records or (
+            time.monotonic() - self._opened >= self.confirm_interval_s
+        )
+        if not (due or force):
+            self.producer.poll(0)
+            return
+        if self.producer.flush(self.flush_timeout_s) > 0:
+            return  # the broker is slow or away: confirm on a later call
+        self._records = []
+        failed = self._failed
+        for topic, record, ack, report in records:
+            errors = failed.get((topic, record.key, record.value)) if failed else None
+            if errors:
+                report(record, ack, KafkaException(errors.pop()))
+            else:
+                ack.release()
+        failed.clear()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
 class KafkaWriter:
     """Produces one topic's records through the worker's producer."""
 
-    def __init__(self, producer: Producer, topic: str, report: FailureReport) -> None:
+    def __init__(
+        self, producer: Producer, window: DeliveryWindow, topic: str, report: FailureReport
+    ) -> None:
         self.producer = producer
+        self.window = window
         self.topic = topic
         self.report = report
 
     def write(self, records: list[OutRecord], acks: list[Ack]) -> None:
-        produce, topic, delivered = self.producer.produce, self.topic, self._delivered
+        produce, topic, add, report = (
+            self.producer.produce,
+            self.topic,
+            self.window.add,
+            self.report,
+        )
         for record, ack in zip(records, acks, strict=True):
-            callback = functools.partial(delivered, record, ack)
             while True:
                 try:
                     produce(
@@ -167,37 +238,33 @@ class KafkaWriter:
                         record.value,
                         record.key,
                         headers=list(record.headers) if record.headers else None,
-                        on_delivery=callback,
                     )
+                    add(topic, record, ack, report)
                     break
                 except BufferError:
-                    # The local queue is full: serve delivery reports, then retry.
+                    # The local queue is full: let the producer send, then retry.
                     self.producer.poll(BACKPRESSURE_POLL_S)
                 except KafkaException as exc:
                     # Refused before sending (e.g. larger than message.max.bytes).
                     if exc.args[0].fatal():
                         raise
-                    self.report(record, ack, exc)
+                    report(record, ack, exc)
                     break
-        self.producer.poll(0)
-
-    def _delivered(self, record: OutRecord, ack: Ack, error: KafkaError | None, _msg: Any) -> None:
-        if error is None:
-            ack.release()
-        else:
-            self.report(record, ack, KafkaException(error))
+        self.window.settle()
 
     def poll(self) -> None:
-        self.producer.poll(0)
+        self.window.settle()
 
     def flush(self, timeout_s: float) -> None:
-        self.producer.flush(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while len(self.window) and time.monotonic() < deadline:
+            self.window.settle(force=True)
 
     def close(self) -> None:
-        remaining = self.producer.flush(CLOSE_FLUSH_TIMEOUT_S)
-        if remaining:
+        self.flush(CLOSE_FLUSH_TIMEOUT_S)
+        if len(self.window):
             logger.warning(
-                "%d records to %s were not delivered before close", remaining, self.topic
+                "%d records to %s were not confirmed before close", len(self.window), self.topic
             )
 
 
@@ -211,7 +278,8 @@ class KafkaTransport:
                 "(or kafka.bootstrap_servers in the config file)"
             )
         self.settings = settings
-        self._producers: dict[int, Producer] = {}
+        self._windows: dict[int, DeliveryWindow] = {}
+        """Per worker: its producer and the records awaiting confirmation."""
         self._partitions: dict[str, int] = {}
 
     # -- start-up ---------------------------------------------------------
@@ -305,12 +373,12 @@ class KafkaTransport:
     def writer(
         self, binding: TopicBinding, worker_index: int, report: FailureReport
     ) -> KafkaWriter:
-        producer = self._producers.get(worker_index)
-        if producer is None:
+        window = self._windows.get(worker_index)
+        if window is None:
             config: dict[str, Any] = {
                 **PRODUCER_DEFAULTS,
                 **self.settings.producer,
                 **self.settings.client_config(),
             }
-            producer = self._producers[worker_index] = Producer(config)
-        return KafkaWriter(producer, binding.physical, report)
+            window = self._windows[worker_index] = DeliveryWindow(config)
+        return KafkaWriter(window.producer, window, binding.physical, report)
