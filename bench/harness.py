@@ -29,7 +29,6 @@ from typing import Any
 import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-
 from work import order_bytes, record_id
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -37,6 +36,9 @@ PEERS_SCRIPT = BENCH_DIR / "peers.py"
 
 COMMITTING_PEERS = frozenset({"loom", "quix", "plain"})
 """Peers that commit input offsets; a run of these ends only once all are committed."""
+
+STARTUP_TIMEOUT_S = 90.0
+"""How long a peer may take from process start to its first output record."""
 
 _QUIET = {"log_level": 0}
 """librdkafka client logs off for the harness's own clients."""
@@ -64,6 +66,73 @@ def wait_for(
         time.sleep(interval_s)
 
 
+# -- CPU accounting ------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int, *, main_thread_only: bool = False) -> float:
+    """User + system CPU seconds of a live process (all its threads); 0 if gone.
+
+    ``main_thread_only`` counts the main thread alone: the one running the
+    Python work of a single-worker peer (librdkafka's threads are the rest).
+    """
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return 0.0
+    fields = text.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent not idle since boot (all cores)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values[:8]) - idle) / _TICK
+
+
+def wait_for_quiet(max_wait_s: float, *, threshold_cores: float = 0.25) -> float:
+    """Wait (polling, at most ``max_wait_s``) until the machine is nearly idle.
+
+    Returns the busy cores of the last one-second sample: other work on the
+    machine (tests, builds) otherwise lands in the middle of a measurement.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before, began = machine_busy_s(), time.monotonic()
+        time.sleep(min(1.0, max(0.0, deadline - began)) or 0.2)
+        busy = (machine_busy_s() - before) / (time.monotonic() - began)
+        if busy <= threshold_cores or time.monotonic() >= deadline:
+            return busy
+
+
+@dataclass
+class CpuSnapshot:
+    """CPU seconds used so far by the peer processes, the broker, the harness, the machine."""
+
+    peer: float
+    peer_main: float
+    broker: float
+    harness: float
+    machine: float
+
+    @classmethod
+    def take(cls, peer_pids: Sequence[int], broker_pid: int | None) -> CpuSnapshot:
+        times = os.times()
+        return cls(
+            sum(process_cpu_s(pid) for pid in peer_pids),
+            sum(process_cpu_s(pid, main_thread_only=True) for pid in peer_pids),
+            process_cpu_s(broker_pid) if broker_pid else 0.0,
+            times.user + times.system,
+            machine_busy_s(),
+        )
+
+
 # -- topics and input ---------------------------------------------------------
 
 
@@ -78,8 +147,9 @@ class Topics:
 class Cluster:
     """The broker as seen by the harness."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, broker_pid: int | None = None) -> None:
         self.bootstrap = bootstrap
+        self.broker_pid = broker_pid
         self.admin = AdminClient({"bootstrap.servers": bootstrap, **_QUIET})
 
     def fresh_topics(self, label: str, partitions: int) -> Topics:
@@ -104,6 +174,15 @@ class Cluster:
             "the new topics to appear in metadata",
         )
         return topics
+
+    def delete_topics(self, topics: Topics) -> None:
+        """Drop a run's topics so the in-memory broker does not grow run after run."""
+        futures = self.admin.delete_topics(
+            [topics.input, topics.output, topics.dlq], request_timeout=15
+        )
+        for future in futures.values():
+            with contextlib.suppress(Exception):
+                future.result(timeout=15)
 
     def producer(self, **extra: Any) -> Producer:
         return Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5, **_QUIET, **extra})
@@ -135,14 +214,16 @@ class Cluster:
         return sum(tp.offset for tp in found if tp.offset >= 0)
 
     @contextlib.contextmanager
-    def consumer(self, group: str | None = None) -> Iterator[Consumer]:
+    def consumer(self, group: str | None = None, **extra: Any) -> Iterator[Consumer]:
         consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
                 "group.id": group or f"harness-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 50,
+                "fetch.queue.backoff.ms": 10,  # see peers.COMMON_CONSUMER
                 **_QUIET,
+                **extra,
             }
         )
         try:
@@ -163,7 +244,12 @@ class OutputWatch:
 
     def __init__(self, cluster: Cluster, topics: Topics, *, keep_ids: bool = False) -> None:
         self._stack = contextlib.ExitStack()
-        self.consumer = self._stack.enter_context(cluster.consumer())
+        # Tansu holds every fetch for the full fetch.wait.max.ms even when data is
+        # there, so a latency watch asks for short waits.
+        wait_ms = 5 if keep_ids else 50
+        self.consumer = self._stack.enter_context(
+            cluster.consumer(**{"fetch.wait.max.ms": wait_ms})
+        )
         self.consumer.assign(
             [TopicPartition(topics.output, p, OFFSET_BEGINNING) for p in range(topics.partitions)]
         )
@@ -205,7 +291,7 @@ class PeerProcess:
     log_path: Path | None = None
     started: float = 0.0
 
-    def start(self, wrapper: Sequence[str] = ()) -> PeerProcess:
+    def start(self) -> PeerProcess:
         suffix = f"-p{self.config.get('process_id') or 0}"
         self.log_path = self.log_dir / f"{self.name}{suffix}-{uuid.uuid4().hex[:6]}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -213,7 +299,6 @@ class PeerProcess:
             self.started = time.monotonic()
             self.process = subprocess.Popen(
                 [
-                    *wrapper,
                     sys.executable,
                     str(PEERS_SCRIPT),
                     self.name,
@@ -263,11 +348,33 @@ class RunResult:
     rate: float = 0.0
     """Records per second from the first output record to all records out (and committed)."""
     seconds: float = 0.0
+    out_rate: float = 0.0
+    """Records per second from the first to the last output record (no commit wait)."""
     startup_s: float = 0.0
     """Peer process start to its first output record."""
     output_records: int = 0
     committed: int | None = None
+    peer_cpu_s: float = 0.0
+    """CPU seconds the peer's processes used during the timed part of the run."""
+    peer_main_cpu_s: float = 0.0
+    """The same, main threads only (a single-worker peer's Python work)."""
+    broker_cpu_s: float = 0.0
+    harness_cpu_s: float = 0.0
+    other_cpu_s: float = 0.0
+    """CPU seconds used by anything else on the machine meanwhile (noise)."""
     error: str | None = None
+
+    def set_cpu(self, start: CpuSnapshot, end: CpuSnapshot) -> None:
+        self.peer_cpu_s = end.peer - start.peer
+        self.peer_main_cpu_s = end.peer_main - start.peer_main
+        self.broker_cpu_s = end.broker - start.broker
+        self.harness_cpu_s = end.harness - start.harness
+        used = self.peer_cpu_s + self.broker_cpu_s + self.harness_cpu_s
+        self.other_cpu_s = max(0.0, end.machine - start.machine - used)
+
+    @property
+    def cpu_us_per_record(self) -> float:
+        return 1e6 * self.peer_cpu_s / self.records if self.records else 0.0
 
     @property
     def ok(self) -> bool:
@@ -320,7 +427,6 @@ def measure(
     partitions: int,
     log_dir: Path,
     *,
-    wrapper: Sequence[str] = (),
     stall_timeout_s: float = 30.0,
 ) -> RunResult:
     """One throughput run: fresh topics, ``records`` inputs, the peer until all done.
@@ -337,28 +443,35 @@ def measure(
     cluster.produce_inputs(topics.input, records)
     watch = OutputWatch(cluster, topics)
     processes = [
-        PeerProcess(spec.peer, config, log_dir)
-        for config in spec.configs(cluster, topics, group)
+        PeerProcess(spec.peer, config, log_dir) for config in spec.configs(cluster, topics, group)
     ]
     try:
         for process in processes:
-            process.start(wrapper)
+            process.start()
         started = processes[0].started
         deadline = time.monotonic() + run_timeout(records)
         last_progress = time.monotonic()
+        pids = [p.process.pid for p in processes if p.process is not None]
+        cpu_start: CpuSnapshot | None = None
         while watch.count < records:
             if watch.poll(0.05):
                 last_progress = time.monotonic()
+                if cpu_start is None:
+                    cpu_start = CpuSnapshot.take(pids, cluster.broker_pid)
             for process in processes:
                 process.check_alive()
             now = time.monotonic()
-            if now >= deadline or now - last_progress > max(stall_timeout_s, 0.0) + (
-                60.0 if watch.first_seen is None else 0.0
-            ):
+            stalled = (
+                now - started > STARTUP_TIMEOUT_S
+                if watch.first_seen is None
+                else now - last_progress > stall_timeout_s
+            )
+            if stalled or now >= deadline:
                 raise BenchError(
                     f"{spec.label}: {watch.count} of {records} output records after "
                     f"{now - started:.0f} s\n{processes[0].log_tail()}"
                 )
+        all_out = time.monotonic()
         if spec.peer in COMMITTING_PEERS:
             with cluster.consumer(group) as offsets:
                 tps = [TopicPartition(topics.input, p) for p in range(partitions)]
@@ -374,10 +487,15 @@ def measure(
                     f"{spec.label} to commit {records} offsets",
                 )
         done = time.monotonic()
+        cpu_end = CpuSnapshot.take(pids, cluster.broker_pid)
         assert watch.first_seen is not None
+        assert cpu_start is not None
+        result.set_cpu(cpu_start, cpu_end)
         result.output_records = watch.count
         result.seconds = done - watch.first_seen
         result.rate = records / result.seconds if result.seconds > 0 else float("inf")
+        out_seconds = all_out - watch.first_seen
+        result.out_rate = records / out_seconds if out_seconds > 0 else float("inf")
         result.startup_s = watch.first_seen - started
     except BenchError as exc:
         result.error = str(exc)
@@ -385,11 +503,13 @@ def measure(
         for process in processes:
             process.stop()
         watch.close()
+        cluster.delete_topics(topics)
     return result
 
 
 @dataclass
 class LatencyResult:
+    label: str
     rate: float
     """Target input rate (records/s)."""
     achieved_rate: float
@@ -413,11 +533,11 @@ def _percentile(values: list[float], q: float) -> float:
 def measure_latency(
     cluster: Cluster,
     spec: PeerSpec,
+    *,
     rate: float,
     duration_s: float,
     partitions: int,
     log_dir: Path,
-    *,
     warmup_fraction: float = 0.1,
 ) -> LatencyResult:
     """End-to-end latency with input paced at ``rate`` records/s for ``duration_s``.
@@ -430,11 +550,10 @@ def measure_latency(
     topics = cluster.fresh_topics(f"{spec.peer}-lat", partitions)
     group = f"bench-lat-{uuid.uuid4().hex[:8]}"
     total = max(1, int(rate * duration_s))
-    result = LatencyResult(rate, 0.0, total)
+    result = LatencyResult(spec.label, rate, 0.0, total)
     watch = OutputWatch(cluster, topics, keep_ids=True)
     processes = [
-        PeerProcess(spec.peer, config, log_dir)
-        for config in spec.configs(cluster, topics, group)
+        PeerProcess(spec.peer, config, log_dir) for config in spec.configs(cluster, topics, group)
     ]
     producer = cluster.producer()
     sent_ms = [0] * (total + 1)
@@ -442,42 +561,17 @@ def measure_latency(
         for process in processes:
             process.start()
         # Wait until the peer is up: one probe record (index ``total``) goes through.
-        probe = total
-        sent_ms[probe] = int(time.time() * 1000)
-        producer.produce(topics.input, order_bytes(probe), record_id(probe).encode())
+        sent_ms[total] = int(time.time() * 1000)
+        producer.produce(topics.input, order_bytes(total), record_id(total).encode())
         producer.flush(10)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while watch.count < 1:
             watch.poll(0.05)
             for process in processes:
                 process.check_alive()
             if time.monotonic() > deadline:
-                raise BenchError(f"{spec.label} did not process a probe record within 90 s")
-        began = time.monotonic()
-        sent = 0
-        tick = 0.005
-        while sent < total:
-            elapsed = time.monotonic() - began
-            due = min(total, int(rate * elapsed) + 1)
-            while sent < due:
-                now_ms = int(time.time() * 1000)
-                sent_ms[sent] = now_ms
-                try:
-                    producer.produce(
-                        topics.input,
-                        order_bytes(sent),
-                        record_id(sent).encode(),
-                        timestamp=now_ms,
-                    )
-                except BufferError:
-                    producer.poll(0.01)
-                    continue
-                sent += 1
-            producer.poll(0)
-            next_tick = began + (int(elapsed / tick) + 1) * tick
-            watch.poll(max(0.0, next_tick - time.monotonic()))
-        result.achieved_rate = total / (time.monotonic() - began)
-        producer.flush(10)
+                raise BenchError(f"{spec.label} processed no probe record in {STARTUP_TIMEOUT_S} s")
+        result.achieved_rate = _paced_produce(producer, topics.input, watch, rate, sent_ms)
         drain_deadline = time.monotonic() + 60
         while watch.count < total + 1:
             watch.poll(0.05)
@@ -499,7 +593,41 @@ def measure_latency(
         for process in processes:
             process.stop()
         watch.close()
+        cluster.delete_topics(topics)
     return result
+
+
+def _paced_produce(
+    producer: Producer, topic: str, watch: OutputWatch, rate: float, sent_ms: list[int]
+) -> float:
+    """Produce records ``0 .. len(sent_ms) - 2`` at ``rate``, reading output meanwhile.
+
+    Returns the rate achieved. ``sent_ms[i]`` gets record ``i``'s timestamp.
+    """
+    total = len(sent_ms) - 1
+    began = time.monotonic()
+    sent = 0
+    tick = 0.005
+    while sent < total:
+        elapsed = time.monotonic() - began
+        due = min(total, int(rate * elapsed) + 1)
+        while sent < due:
+            now_ms = int(time.time() * 1000)
+            try:
+                producer.produce(
+                    topic, order_bytes(sent), record_id(sent).encode(), timestamp=now_ms
+                )
+            except BufferError:
+                producer.poll(0.01)
+                continue
+            sent_ms[sent] = now_ms
+            sent += 1
+        producer.poll(0)
+        next_tick = began + (int(elapsed / tick) + 1) * tick
+        watch.poll(max(0.0, next_tick - time.monotonic()))
+    achieved = total / (time.monotonic() - began)
+    producer.flush(10)
+    return achieved
 
 
 @contextlib.contextmanager

@@ -13,9 +13,14 @@ result keyed by the input key:
 Every peer commits (where it commits) about once per second.
 """
 
+# Each peer imports only its own framework, inside its function, so no peer
+# pays for (or is slowed by) another's imports.
+# ruff: noqa: PLC0415
+
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -24,12 +29,50 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from work import Order, PricedOrder, price, process  # noqa: E402
+from work import Order, PricedOrder, price, process
 
 COMMIT_INTERVAL_S = 1.0
+COMMON_CONSUMER = {"fetch.queue.backoff.ms": 10}
+"""Consumer settings every peer gets. librdkafka's default fetch.queue.backoff.ms
+(1000) pauses fetching for a second whenever the prefetch queue holds more than
+queued.min.messages (100k); a consumer that drains that faster than a second
+then starves, which made every peer's rate swing by 3x from run to run."""
+
+
+def _apply_patch() -> None:
+    """Import ``$LOOM_BENCH_PATCH`` (a .py file) to try a hot-path change unedited."""
+    path = os.environ.get("LOOM_BENCH_PATCH")
+    if path:
+        import runpy
+
+        runpy.run_path(path, run_name="loom_bench_patch")
+
+
+def _gc_stats() -> None:
+    """With ``$LOOM_BENCH_GC_STATS``, print the cyclic GC's count and time at exit."""
+    if not os.environ.get("LOOM_BENCH_GC_STATS"):
+        return
+    import atexit
+    import gc
+
+    spent = [0.0, 0.0, 0]  # total seconds, start of the current collection, collections
+
+    def timer(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            spent[1] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - spent[1]
+            spent[2] += 1
+
+    gc.callbacks.append(timer)
+    atexit.register(
+        lambda: print(f"LOOM_BENCH_GC {spent[2]} collections {spent[0]:.3f} s", flush=True)
+    )
 
 
 def run_loom(cfg: dict[str, Any]) -> None:
+    _gc_stats()
+    _apply_patch()
     from loom.streaming import FromTopic, IntoTopic, Process, RecordStep, StreamFlow
     from loom.streaming.bytewax.runner import StreamingRunner
 
@@ -51,6 +94,8 @@ def run_loom(cfg: dict[str, Any]) -> None:
             "consumer": {
                 "enable.auto.commit": False,
                 "auto.commit.interval.ms": int(COMMIT_INTERVAL_S * 1000),
+                **COMMON_CONSUMER,
+                **cfg.get("consumer", {}),
             },
         },
         "topics": {"input": cfg["input"], "output": cfg["output"], "dlq": cfg["dlq"]},
@@ -68,7 +113,11 @@ def run_bytewax(cfg: dict[str, Any]) -> None:
 
     brokers = [cfg["bootstrap"]]
     flow = Dataflow("bench_bytewax")
-    messages = op.input("in", flow, KafkaSource(brokers, [cfg["input"]], tail=True))
+    messages = op.input(
+        "in",
+        flow,
+        KafkaSource(brokers, [cfg["input"]], tail=True, add_config=dict(COMMON_CONSUMER)),
+    )
 
     def work(message: Any) -> KafkaSinkMessage[bytes, bytes]:
         return KafkaSinkMessage(message.key, process(message.value))
@@ -91,7 +140,7 @@ def run_quix(cfg: dict[str, Any]) -> None:
         auto_offset_reset="earliest",
         processing_guarantee="at-least-once",
         commit_interval=COMMIT_INTERVAL_S,
-        consumer_extra_config={"session.timeout.ms": 6000},
+        consumer_extra_config={"session.timeout.ms": 6000, **COMMON_CONSUMER},
         auto_create_topics=False,
         use_changelog_topics=False,
         loglevel="WARNING",
@@ -124,6 +173,7 @@ def run_plain(cfg: dict[str, Any]) -> None:
             "auto.offset.reset": "earliest",
             "session.timeout.ms": 6000,
             "fetch.wait.max.ms": 100,
+            **COMMON_CONSUMER,
         }
     )
     # The same client settings as Loom's producer.
