@@ -45,11 +45,15 @@ COMPONENTS = (
     # (label, substrings of a frame); a sample belongs to the first component that
     # matches, walking from the leaf frame towards the root.
     ("user work: work.price", ("price (work.py",)),
-    ("msgspec decode (codec)", ("decode (loom/streaming/codecs.py",)),
+    (
+        "msgspec decode via the codec (inline in _decode once direct)",
+        ("decode (loom/streaming/codecs.py",),
+    ),
     ("msgspec encode (codec)", ("encode (loom/streaming/codecs.py",)),
     ("delivery callbacks", ("_delivered (loom/transports/kafka.py",)),
+    ("DeliveryWindow: confirming produced records", ("DeliveryWindow.",)),
     (
-        "KafkaWriter.write: produce() + per-record callback objects",
+        "KafkaWriter.write: produce(), per-record callbacks, freeing records",
         ("write (loom/transports/kafka.py",),
     ),
     ("KafkaWriter.poll: serving delivery reports", ("KafkaWriter.poll (",)),
