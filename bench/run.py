@@ -385,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     latencies: list[LatencyResult] = []
     with log_directory(args.keep_logs) as log_dir, DevBroker() as broker:
-        process = getattr(broker, "_process", None)  # DevBroker has no public pid
-        cluster = Cluster(broker.bootstrap_servers, process.pid if process else None)
+        cluster = Cluster(broker.bootstrap_servers, broker.pid)
         results = run_peers(cluster, args, log_dir)
         scaling = run_scaling(cluster, args, log_dir)
         if args.latency_seconds > 0:

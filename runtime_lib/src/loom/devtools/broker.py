@@ -125,6 +125,11 @@ class DevBroker:
             future.result(timeout=timeout_s)
 
     @property
+    def pid(self) -> int | None:
+        """The broker process id while it runs (benchmarks account its CPU)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

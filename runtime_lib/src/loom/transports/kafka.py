@@ -169,7 +169,8 @@ class DeliveryWindow:
         self.producer = Producer(
             {**config, "delivery.report.only.error": True, "on_delivery": self.on_error}
         )
-        self._records: list[tuple[str, OutRecord, Ack, FailureReport]] = []
+        self._batches: list[tuple[str, list[OutRecord], list[Ack], FailureReport]] = []
+        self._count = 0
         self._failed: dict[tuple[str, bytes | None, bytes | None], list[KafkaError]] = {}
         self._opened = 0.0
 
@@ -179,18 +180,23 @@ class DeliveryWindow:
             key = (message.topic(), message.key(), message.value())
             self._failed.setdefault(key, []).append(error)
 
-    def add(self, topic: str, record: OutRecord, ack: Ack, report: FailureReport) -> None:
-        if not self._records:
+    def add(
+        self, topic: str, records: list[OutRecord], acks: list[Ack], report: FailureReport
+    ) -> None:
+        """Hold a produced batch until its confirmation."""
+        if not records:
+            return
+        if not self._batches:
             self._opened = time.monotonic()
-        self._records.append((topic, record, ack, report))
+        self._batches.append((topic, records, acks, report))
+        self._count += len(records)
 
     def settle(self, *, force: bool = False) -> None:
         """Confirm the window if it is due (or ``force``) and the producer drained."""
-        records = self._records
-        if not records:
+        if not self._batches:
             self.producer.poll(0)
             return
-        due = len(records) >= self.max_records or (
+        due = self._count >= self.max_records or (
             time.monotonic() - self._opened >= self.confirm_interval_s
         )
         if not (due or force):
@@ -198,18 +204,23 @@ class DeliveryWindow:
             return
         if self.producer.flush(self.flush_timeout_s) > 0:
             return  # the broker is slow or away: confirm on a later call
-        self._records = []
+        batches, self._batches, self._count = self._batches, [], 0
         failed = self._failed
-        for topic, record, ack, report in records:
-            errors = failed.get((topic, record.key, record.value)) if failed else None
-            if errors:
-                report(record, ack, KafkaException(errors.pop()))
-            else:
-                ack.release()
+        for topic, records, acks, report in batches:
+            if not failed:
+                for ack in acks:
+                    ack.release()
+                continue
+            for record, ack in zip(records, acks, strict=True):
+                errors = failed.get((topic, record.key, record.value))
+                if errors:
+                    report(record, ack, KafkaException(errors.pop()))
+                else:
+                    ack.release()
         failed.clear()
 
     def __len__(self) -> int:
-        return len(self._records)
+        return self._count
 
 
 class KafkaWriter:
@@ -224,13 +235,9 @@ class KafkaWriter:
         self.report = report
 
     def write(self, records: list[OutRecord], acks: list[Ack]) -> None:
-        produce, topic, add, report = (
-            self.producer.produce,
-            self.topic,
-            self.window.add,
-            self.report,
-        )
-        for record, ack in zip(records, acks, strict=True):
+        produce, topic, report = self.producer.produce, self.topic, self.report
+        refused: set[int] = set()
+        for index, record in enumerate(records):
             while True:
                 try:
                     produce(
@@ -239,7 +246,6 @@ class KafkaWriter:
                         record.key,
                         headers=list(record.headers) if record.headers else None,
                     )
-                    add(topic, record, ack, report)
                     break
                 except BufferError:
                     # The local queue is full: let the producer send, then retry.
@@ -248,8 +254,13 @@ class KafkaWriter:
                     # Refused before sending (e.g. larger than message.max.bytes).
                     if exc.args[0].fatal():
                         raise
-                    report(record, ack, exc)
+                    report(record, acks[index], exc)
+                    refused.add(index)
                     break
+        if refused:
+            records = [r for i, r in enumerate(records) if i not in refused]
+            acks = [a for i, a in enumerate(acks) if i not in refused]
+        self.window.add(topic, records, acks, report)
         self.window.settle()
 
     def poll(self) -> None:
