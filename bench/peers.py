@@ -101,8 +101,32 @@ def run_loom(cfg: dict[str, Any]) -> None:
         "topics": {"input": cfg["input"], "output": cfg["output"], "dlq": cfg["dlq"]},
         "streaming": {"runtime": runtime},
     }
+    observability = _observability(cfg.get("observability", "default"), config)
     # run() on the main thread turns SIGTERM into a graceful drain.
-    StreamingRunner.from_dict(flow, config).run()
+    StreamingRunner.from_dict(flow, config, observability_runtime=observability).run()
+
+
+def _observability(mode: str, config: dict[str, Any]) -> Any:
+    """``off``: run spans only; ``on``: SDK spans exported, metrics served; else the default."""
+    from loom.observability import ObservabilityRuntime
+
+    if mode == "off":
+        return ObservabilityRuntime(instrument_dataflow=False)
+    if mode != "on":
+        return None
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Discard(SpanExporter):
+        """Stands in for an OTLP collector: the spans are built and exported, then dropped."""
+
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    config["observability"] = {"prometheus_port": 0}
+    return ObservabilityRuntime(provider)
 
 
 def run_bytewax(cfg: dict[str, Any]) -> None:
