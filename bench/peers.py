@@ -101,7 +101,10 @@ def run_loom(cfg: dict[str, Any]) -> None:
         "topics": {"input": cfg["input"], "output": cfg["output"], "dlq": cfg["dlq"]},
         "streaming": {"runtime": runtime},
     }
+    if "prometheus_port" in cfg:
+        config["prometheus_port"] = cfg["prometheus_port"]
     observability = _observability(cfg.get("observability", "default"), config)
+    config.pop("prometheus_port", None)
     # run() on the main thread turns SIGTERM into a graceful drain.
     StreamingRunner.from_dict(flow, config, observability_runtime=observability).run()
 
@@ -125,7 +128,7 @@ def _observability(mode: str, config: dict[str, Any]) -> Any:
 
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(Discard()))
-    config["observability"] = {"prometheus_port": 0}
+    config["observability"] = {"prometheus_port": config.get("prometheus_port", 0)}
     return ObservabilityRuntime(provider)
 
 
