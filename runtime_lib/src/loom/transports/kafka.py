@@ -238,14 +238,12 @@ class KafkaWriter:
         produce, topic, report = self.producer.produce, self.topic, self.report
         refused: set[int] = set()
         for index, record in enumerate(records):
+            headers: Any = record.headers
+            if headers and type(headers) is not list:  # the producer takes lists only
+                headers = list(headers)
             while True:
                 try:
-                    produce(
-                        topic,
-                        record.value,
-                        record.key,
-                        headers=list(record.headers) if record.headers else None,
-                    )
+                    produce(topic, record.value, record.key, headers=headers or None)
                     break
                 except BufferError:
                     # The local queue is full: let the producer send, then retry.
