@@ -13,6 +13,7 @@ median (DESIGN.md section 8).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -53,13 +54,17 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--warmup-minutes", type=float, default=1.0)
     parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument(
+        "--consumer", type=json.loads, default={}, help="extra librdkafka consumer settings (JSON)"
+    )
     args = parser.parse_args()
     port = free_port()
     samples: list[tuple[float, float, float]] = []
     with tempfile.TemporaryDirectory() as logs, DevBroker() as broker:
         cluster = Cluster(broker.bootstrap_servers, broker.pid)
         topics = cluster.fresh_topics("soak", args.partitions)
-        spec = PeerSpec("loom", "Loom soak", extra={"observability": "on", "prometheus_port": port})
+        extra = {"observability": "on", "prometheus_port": port, "consumer": args.consumer}
+        spec = PeerSpec("loom", "Loom soak", extra=extra)
         [config] = spec.configs(cluster, topics, f"soak-{uuid.uuid4().hex[:6]}")
         peer = PeerProcess("loom", config, Path(logs)).start()
         producer = cluster.producer()
