@@ -35,6 +35,11 @@ class Codec(Protocol):
         """The fastest callable that decodes (it may raise its own error types)."""
         ...
 
+    @property
+    def encoder(self) -> Callable[[Any], bytes]:
+        """The fastest callable that encodes."""
+        ...
+
 
 def _is_pydantic_model(tp: object) -> bool:
     return isinstance(tp, type) and issubclass(tp, pydantic.BaseModel)
@@ -70,6 +75,11 @@ class MsgspecCodec:
         """msgspec's own ``decode``: no wrapper frame on the per-record path."""
         return self._decode
 
+    @property
+    def encoder(self) -> Callable[[Any], bytes]:
+        """msgspec's own ``encode``."""
+        return self._encode
+
 
 class PydanticJsonCodec:
     """JSON through pydantic, for payload types that are pydantic models."""
@@ -90,6 +100,10 @@ class PydanticJsonCodec:
     def decoder(self) -> Callable[[bytes], Any]:
         return self.decode
 
+    @property
+    def encoder(self) -> Callable[[Any], bytes]:
+        return self.encode
+
 
 class RawCodec:
     """Bytes in, bytes out."""
@@ -105,6 +119,10 @@ class RawCodec:
     @property
     def decoder(self) -> Callable[[bytes], Any]:
         return self.decode
+
+    @property
+    def encoder(self) -> Callable[[Any], bytes]:
+        return self.encode
 
 
 def build_codec(fmt: CodecName, payload_type: Any) -> Codec:

@@ -200,11 +200,11 @@ class MemoryWriter:
     def write(self, records: list[OutRecord], acks: list[Ack]) -> None:
         limit = self.broker.max_message_bytes
         for record, ack in zip(records, acks, strict=True):
-            if len(record.value) > limit:
-                size = len(record.value)
-                self.report(record, ack, MessageTooLarge(f"{size} bytes > {limit}"))
+            key, value, headers, _source = record
+            if len(value) > limit:
+                self.report(record, ack, MessageTooLarge(f"{len(value)} bytes > {limit}"))
                 continue
-            self.broker.produce(self.topic, record.value, key=record.key, headers=record.headers)
+            self.broker.produce(self.topic, value, key=key, headers=tuple(headers or ()))
             ack.release()
 
     def poll(self) -> None:

@@ -25,6 +25,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicPartition,
 )
@@ -33,7 +34,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from loom.config.context import KafkaSettings
 from loom.errors import StartupError
-from loom.streaming.bytewax.acks import Ack
+from loom.streaming.bytewax.acks import Ack, release_all
 from loom.streaming.bytewax.records import Origin, OutRecord
 from loom.streaming.bytewax.transport import FailureReport
 from loom.streaming.plan import FlowPlan, TopicBinding, TopicSinkPlan
@@ -77,6 +78,10 @@ def _admin(settings: KafkaSettings) -> AdminClient:
     return AdminClient(config)
 
 
+_message_error = Message.error
+"""``Message.error`` unbound: ``map`` calls it per record without a Python frame."""
+
+
 def _auto_commit(consumer_settings: Mapping[str, Any]) -> bool:
     value = consumer_settings.get("enable.auto.commit", True)
     return str(value).lower() not in ("false", "0", "no")
@@ -105,7 +110,7 @@ class KafkaReader:
         if not self.partitions:
             return []
         messages = self.consumer.consume(num_messages=max_records, timeout=0)
-        if not any(message.error() for message in messages):
+        if not any(map(_message_error, messages)):
             return cast("list[Origin]", messages)
         good = []
         for message in messages:
@@ -194,8 +199,11 @@ class DeliveryWindow:
         self._batches.append((topic, records, acks, report))
         self._count += len(records)
 
-    def settle(self, *, force: bool = False) -> None:
-        """Confirm the window if it is due (or ``force``) and the producer drained."""
+    def settle(self, *, force: bool = False, timeout_s: float | None = None) -> None:
+        """Confirm the window if it is due (or ``force``) and the producer drained.
+
+        Waits up to ``timeout_s`` (default ``flush_timeout_s``) for the broker.
+        """
         if not self._batches:
             self.producer.poll(0)
             return
@@ -205,17 +213,16 @@ class DeliveryWindow:
         if not (due or force):
             self.producer.poll(0)
             return
-        if self.producer.flush(self.flush_timeout_s) > 0:
+        if self.producer.flush(self.flush_timeout_s if timeout_s is None else timeout_s) > 0:
             return  # the broker is slow or away: confirm on a later call
         batches, self._batches, self._count = self._batches, [], 0
         failed = self._failed
         for topic, records, acks, report in batches:
             if not failed:
-                for ack in acks:
-                    ack.release()
+                release_all(acks)
                 continue
             for record, ack in zip(records, acks, strict=True):
-                errors = failed.get((topic, record.key, record.value))
+                errors = failed.get((topic, record[0], record[1]))
                 if errors:
                     report(record, ack, KafkaException(errors.pop()))
                 else:
@@ -238,15 +245,18 @@ class KafkaWriter:
         self.report = report
 
     def write(self, records: list[OutRecord], acks: list[Ack]) -> None:
-        produce, topic, report = self.producer.produce, self.topic, self.report
+        produce, topic = self.producer.produce, self.topic
         refused: set[int] = set()
-        for index, record in enumerate(records):
-            headers: Any = record.headers
-            if headers and type(headers) is not list:  # the producer takes lists only
-                headers = list(headers)
+        for index, (key, value, headers, _source) in enumerate(records):
+            # The producer takes header lists only, and a keyword argument costs a
+            # dict per call: pass headers only when there are any.
+            header_list: Any = list(headers) if headers else None
             while True:
                 try:
-                    produce(topic, record.value, record.key, headers=headers or None)
+                    if header_list is None:
+                        produce(topic, value, key)
+                    else:
+                        produce(topic, value, key, headers=header_list)
                     break
                 except BufferError:
                     # The local queue is full: let the producer send, then retry.
@@ -255,13 +265,13 @@ class KafkaWriter:
                     # Refused before sending (e.g. larger than message.max.bytes).
                     if exc.args[0].fatal():
                         raise
-                    report(record, acks[index], exc)
+                    self.report(records[index], acks[index], exc)
                     refused.add(index)
                     break
         if refused:
             records = [r for i, r in enumerate(records) if i not in refused]
             acks = [a for i, a in enumerate(acks) if i not in refused]
-        self.window.add(topic, records, acks, report)
+        self.window.add(topic, records, acks, self.report)
         self.window.settle()
 
     def poll(self) -> None:
@@ -269,8 +279,11 @@ class KafkaWriter:
 
     def flush(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while len(self.window) and time.monotonic() < deadline:
-            self.window.settle(force=True)
+        while len(self.window):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self.window.settle(force=True, timeout_s=remaining)
 
     def close(self) -> None:
         self.flush(CLOSE_FLUSH_TIMEOUT_S)

@@ -13,7 +13,8 @@ thread (the adapter uses no exchanging operators), so no locks are needed.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable
 
 
 class Ack:
@@ -28,14 +29,24 @@ class Ack:
         """Account for ``count`` more derived records (e.g. expand children)."""
         self.pending += count
 
-    def release(self) -> None:
-        """One derived record reached a terminal state."""
-        self.pending -= 1
+    def release(self, count: int = 1) -> None:
+        """``count`` derived records reached a terminal state."""
+        self.pending -= count
         if self.pending == 0:
             self._finished()
 
     def _finished(self) -> None:
         """Hook for acks that propagate completion."""
+
+
+def release_all(acks: Iterable[Ack]) -> None:
+    """Release every ack of ``acks`` once per occurrence.
+
+    Records of one poll and partition share an ack, so counting first turns
+    thousands of method calls into a handful.
+    """
+    for ack, count in Counter(acks).items():
+        ack.release(count)
 
 
 class OffsetAck(Ack):

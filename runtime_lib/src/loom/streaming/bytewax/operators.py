@@ -29,6 +29,7 @@ from loom.streaming.bytewax.records import (
 )
 from loom.streaming.codecs import Codec
 from loom.streaming.errors import ErrorEnvelope, ErrorKind
+from loom.streaming.message import Message
 from loom.streaming.plan import CollectPlan, RouterPlan, StepPlan, TopicBinding
 
 ChunkOp = Callable[[Chunk], Chunk]
@@ -71,9 +72,12 @@ class RecordOp(_StepOp):
                 continue
             if result is None:
                 rec.ack.release()
-            else:
+                continue
+            if isinstance(result, Message):
                 rec.set_result(result)
-                out.append(rec)
+            else:
+                rec.value = result  # the common case, without a method call
+            out.append(rec)
         return chunk.derive(out, _merge(chunk, failed))
 
 
@@ -84,8 +88,8 @@ def fan_out(rec: Rec, results: list[Any], ack: Ack, out: list[Rec]) -> None:
         return
     ack.retain(len(results) - 1)
     for value in results:
-        child = Rec(None, rec.origin if rec.members is None else None, ack)
-        child.key, child.headers, child.span = rec.key, rec.headers, rec.span
+        origin = rec.origin if rec.members is None else None
+        child = Rec(None, origin, ack, None, rec.key, rec.headers, rec.span)
         child.set_result(value)
         out.append(child)
 
@@ -222,8 +226,7 @@ class EncodeOp:
         self.expected: type | None = expected if isinstance(expected, type) else None
 
     def __call__(self, chunk: Chunk) -> Outbound:
-        encode, expected = self.codec.encode, self.expected
-        new_record = tuple.__new__  # NamedTuple's own __new__ is a Python frame
+        encode, expected = self.codec.encoder, self.expected
         items: list[OutRecord] = []
         acks: list[Ack] = []
         failed: list[Failure] = []
@@ -240,15 +243,15 @@ class EncodeOp:
                 failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, exc)
                 continue
             origin = rec.origin
-            headers: Sequence[tuple[str, bytes]]
+            headers: Sequence[tuple[str, bytes]] | None
             if rec.key is None and rec.headers is None and origin is not None:
-                key, headers = origin.key(), origin.headers() or ()  # the common case
+                key, headers = origin.key(), origin.headers()  # the common case
             else:
                 key, headers = rec.out_key(), rec.out_headers()
             if rec.span is not None:
-                headers = with_trace_headers(rec.span, headers)
+                headers = with_trace_headers(rec.span, headers or ())
                 end_span(rec.span)
-            items.append(new_record(OutRecord, (key, data, headers, rec)))
+            items.append((key, data, headers, rec))
             acks.append(rec.ack)
         return Outbound(items, acks, _merge(chunk, failed))
 
@@ -329,4 +332,4 @@ def dead_letter_record(envelope: ErrorEnvelope, codec: Codec) -> OutRecord:
             (f"{DLQ_HEADER_PREFIX}source-partition", str(envelope.partition).encode()),
             (f"{DLQ_HEADER_PREFIX}source-offset", str(envelope.offset).encode()),
         ]
-    return OutRecord(envelope.key, codec.encode(envelope), tuple(headers))
+    return (envelope.key, codec.encode(envelope), headers, None)

@@ -43,15 +43,14 @@ class TopicSink(DynamicSink[Outbound]):
         worker = self.run.worker(worker_index)
 
         def refused(record: OutRecord, ack: Ack, error: BaseException) -> None:
-            if record.source is None:
+            source = record[3]
+            if source is None:
                 worker.fatal = RuntimeError(
                     f"{self.node}: the broker refused a dead letter for "
                     f"{self.binding.physical!r}: {error}"
                 )
                 return
-            worker.report(
-                failures_for(self.flow, self.node, ErrorKind.DELIVERY, record.source, error)
-            )
+            worker.report(failures_for(self.flow, self.node, ErrorKind.DELIVERY, source, error))
 
         writer = self.transport.writer(self.binding, worker_index, refused)
         worker.writers.append(writer)

@@ -37,37 +37,31 @@ class Origin(Protocol):
     def timestamp(self) -> tuple[int, int]: ...
 
 
-class Rec:
+class Rec(msgspec.Struct, gc=False):
     """One record in flight: its current value, where it came from, its ack.
 
     ``key``/``headers`` are ``None`` until a step overrides them by returning
     a :class:`Message`; until then they are read from ``origin``. A batch
     from ``CollectBatch`` keeps its input records in ``members``.
+
+    This is the one object Loom allocates per record, so it is a msgspec
+    ``Struct``: built in C, and not tracked by the cyclic garbage collector
+    (``gc=False``; a ``Rec`` never takes part in a reference cycle), which
+    keeps collections rare while a run allocates millions of them.
     """
 
-    __slots__ = ("ack", "headers", "key", "members", "origin", "span", "value")
-
-    def __init__(
-        self,
-        value: Any,
-        origin: Origin | None,
-        ack: Ack,
-        members: list[Rec] | None = None,
-    ) -> None:
-        self.value = value
-        self.origin = origin
-        self.ack = ack
-        self.key: bytes | None = None
-        self.headers: Headers | None = None
-        self.members = members
-        self.span: Span | None = None
-        """The record's trace span when its input carried a ``traceparent``."""
+    value: Any
+    origin: Origin | None
+    ack: Ack
+    members: list[Rec] | None = None
+    key: bytes | None = None
+    headers: Headers | None = None
+    span: Span | None = None
+    """The record's trace span when its input carried a ``traceparent``."""
 
     def child(self, value: Any) -> Rec:
         """A derived record sharing origin and ack (the caller retains the ack)."""
-        rec = Rec(value, self.origin, self.ack)
-        rec.key, rec.headers, rec.span = self.key, self.headers, self.span
-        return rec
+        return Rec(value, self.origin, self.ack, None, self.key, self.headers, self.span)
 
     def set_result(self, value: Any) -> None:
         """Store a step's result; a returned ``Message`` also sets key and headers."""
@@ -148,17 +142,13 @@ class Outbound(NamedTuple):
     failures: list[Failure]
 
 
-class OutRecord(NamedTuple):
-    """An encoded record for a topic: bytes, key, headers, and what it came from.
+OutRecord = tuple[bytes | None, bytes, Sequence[tuple[str, bytes]] | None, Rec | None]
+"""An encoded record for a topic: ``(key, value, headers, source)``.
 
-    ``source`` is the record it was encoded from, used to build the error
-    envelope if the broker refuses it; dead letters have none.
-    """
-
-    key: bytes | None
-    value: bytes
-    headers: Sequence[tuple[str, bytes]]
-    source: Rec | None = None
+``source`` is the record it was encoded from, used to build the error
+envelope if the broker refuses it; dead letters have none. A plain tuple,
+not a ``NamedTuple``: one is built per produced record, and writers unpack it.
+"""
 
 
 _fallback_encoder = msgspec.json.Encoder(enc_hook=repr)

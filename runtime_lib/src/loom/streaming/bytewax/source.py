@@ -1,8 +1,12 @@
 """The flow's Bytewax source: polls the transport, decodes, and commits offsets.
 
-This is where offsets are committed. Each worker's partition tracks an ack
-per consumed offset (:mod:`loom.streaming.bytewax.acks`) and, at most once
+This is where offsets are committed. Each worker's partition tracks acks
+of consumed offsets (:mod:`loom.streaming.bytewax.acks`) and, at most once
 per ``commit_interval_s``, commits the finished prefix of every partition.
+When the input goes idle (the worker caught up), it confirms pending outputs
+and commits within ~100 ms instead, so a caught-up service's committed
+offsets trail its output closely.
+
 On finite input or a stop request it *drains*: stops reading, flushes
 buffering operators, waits until every consumed record is finished (or the
 drain timeout passes), commits, and ends.
@@ -22,6 +26,7 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 
 from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.tracing import start_record_span
+from loom.streaming.bytewax.acks import Ack
 from loom.streaming.bytewax.records import Chunk, Failure, Rec, failures_for
 from loom.streaming.bytewax.state import GracefulStop, RunState, WorkerState
 from loom.streaming.bytewax.transport import Transport, TransportReader
@@ -33,7 +38,10 @@ logger = logging.getLogger("loom.streaming.source")
 _MAX_TICK_MS = 5
 """Idle workers with unfinished records wake at least this often (ms), to poll
 delivery reports and let batch timeouts and async results progress."""
+_IDLE_COMMIT_INTERVAL_S = 0.1
+"""While the input is idle, finished offsets are committed this soon (at most)."""
 _DRAIN_POLL = timedelta(milliseconds=1)
+_TOMBSTONE = "tombstone: the record has no value"
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         self.worker = worker
         interval = min(plan.tick_interval_ms or _MAX_TICK_MS, _MAX_TICK_MS)
         self.tick = timedelta(milliseconds=interval)
-        self._next_commit = time.monotonic() + self.settings.commit_interval_s
+        self._last_commit = time.monotonic()
         self._drain_deadline: float | None = None
         self._draining = False
         self._idle = False
@@ -122,8 +130,12 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
             if origins:
                 records, decode_failures = self._read(origins)
                 failures += decode_failures
-        self._commit_if_due(time.monotonic())
         self._idle = not records and not failures
+        if self._idle and in_flight:
+            # Caught up with the input: confirm outputs now, so their offsets are
+            # committed soon rather than at the next interval (nothing else to do).
+            worker.flush_writers(self.tick.total_seconds())
+        self._commit_if_due(time.monotonic())
         if self._idle and in_flight == 0:
             return []
         return [Chunk(worker.index, records, failures)]
@@ -172,28 +184,33 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
             p: progress.partition(p).track(last.offset(), counts[p]) for p, last in last_of.items()
         }
         for origin, partition in zip(origins, partitions, strict=True):
-            rec = Rec(None, origin, acks[partition])
+            raw = origin.value()
+            if raw is None:
+                failures += self._wire_failure(origin, acks[partition], _TOMBSTONE)
+                continue
+            try:
+                value = decode(raw)
+            except Exception as exc:
+                failures += self._wire_failure(origin, acks[partition], exc)
+                continue
+            rec = Rec(value, origin, acks[partition])
             if tracer is not None:
                 headers = origin.headers()
                 if headers:
                     rec.span = start_record_span(tracer, self.flow, self.topic, headers)
-            raw = origin.value()
-            if raw is None:
-                failures += failures_for(
-                    self.flow, self.node, ErrorKind.WIRE, rec, "tombstone: the record has no value"
-                )
-                continue
-            try:
-                rec.value = decode(raw)
-            except Exception as exc:
-                failures += failures_for(self.flow, self.node, ErrorKind.WIRE, rec, exc)
-                continue
             records.append(rec)
         return records, failures
 
+    def _wire_failure(self, origin: Any, ack: Ack, error: Exception | str) -> list[Failure]:
+        return failures_for(self.flow, self.node, ErrorKind.WIRE, Rec(None, origin, ack), error)
+
     def _commit_if_due(self, now: float) -> None:
-        if now >= self._next_commit:
-            self._next_commit = now + self.settings.commit_interval_s
+        """Commit every ``commit_interval_s``, or sooner while the input is idle."""
+        interval = self.settings.commit_interval_s
+        if self._idle:
+            interval = min(interval, _IDLE_COMMIT_INTERVAL_S)
+        if now >= self._last_commit + interval:
+            self._last_commit = now
             self._commit()
 
     def _commit(self) -> None:

@@ -42,6 +42,11 @@ class WorkerState:
         for writer in self.writers:
             writer.poll()
 
+    def flush_writers(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for every writer's pending deliveries."""
+        for writer in self.writers:
+            writer.flush(timeout_s)
+
 
 class GracefulStop(Exception):
     """Ends a recovery-enabled run after a complete drain (see ``RunState``)."""
