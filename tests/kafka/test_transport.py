@@ -33,6 +33,27 @@ def test_records_flow_from_input_to_output_and_offsets_are_committed(cluster: Cl
     assert {m.key() for m in out} == {b"k%d" % i for i in range(3000)}
 
 
+def test_a_caught_up_flow_commits_without_waiting_for_the_commit_interval(
+    cluster: Cluster,
+) -> None:
+    topics = {"input": cluster.topic(2), "output": cluster.topic(2), "dlq": cluster.topic(1)}
+    settings = cluster.flow_config(
+        topics,
+        kafka={"consumer": {"enable.auto.commit": False, "auto.commit.interval.ms": 600_000}},
+    )
+    group = settings["kafka"]["group_id"]
+    cluster.produce(topics["input"], order_bytes(500))
+    with BackgroundRun(StreamingRunner.from_dict(enrich_flow(), settings)) as run:
+        cluster.read(topics["output"], 500)
+        # The interval is ten minutes: only the idle commit can get there in time.
+        wait_until(
+            lambda: sum(cluster.committed(group, topics["input"]).values()) == 500,
+            10,
+            "the idle flow's offsets committed",
+        )
+        run.stop()
+
+
 def test_poison_records_go_to_the_dlq_with_their_bytes_and_the_flow_keeps_going(
     cluster: Cluster,
 ) -> None:
