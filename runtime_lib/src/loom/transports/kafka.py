@@ -166,7 +166,8 @@ class DeliveryWindow:
     producer, and once ``flush()`` has returned with nothing outstanding,
     every record of the window is either reported as failed or was
     acknowledged by the broker, so its ack is released. Commits therefore
-    still never pass an unconfirmed record.
+    still never pass an unconfirmed record. Whenever the producer has nothing
+    outstanding at all, the window is confirmed at once, without a flush.
     """
 
     confirm_interval_s = 0.2
@@ -204,17 +205,20 @@ class DeliveryWindow:
 
         Waits up to ``timeout_s`` (default ``flush_timeout_s``) for the broker.
         """
+        producer = self.producer
+        producer.poll(0)
         if not self._batches:
-            self.producer.poll(0)
             return
-        due = self._count >= self.max_records or (
-            time.monotonic() - self._opened >= self.confirm_interval_s
-        )
-        if not (due or force):
-            self.producer.poll(0)
-            return
-        if self.producer.flush(self.flush_timeout_s if timeout_s is None else timeout_s) > 0:
-            return  # the broker is slow or away: confirm on a later call
+        # Nothing outstanding (every record delivered, every error served):
+        # confirm now, without waiting.
+        if len(producer):
+            due = self._count >= self.max_records or (
+                time.monotonic() - self._opened >= self.confirm_interval_s
+            )
+            if not (due or force):
+                return
+            if producer.flush(self.flush_timeout_s if timeout_s is None else timeout_s) > 0:
+                return  # the broker is slow or away: confirm on a later call
         batches, self._batches, self._count = self._batches, [], 0
         failed = self._failed
         for topic, records, acks, report in batches:

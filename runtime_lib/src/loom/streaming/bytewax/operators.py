@@ -251,6 +251,11 @@ class EncodeOp:
             if rec.span is not None:
                 headers = with_trace_headers(rec.span, headers or ())
                 end_span(rec.span)
+            if origin is not None:
+                # Only the origin is needed from here on (a refused record's error
+                # envelope is built from it): free the value now, while it is hot
+                # in the CPU cache, not when the delivery window is confirmed.
+                rec.value = None
             items.append((key, data, headers, rec))
             acks.append(rec.ack)
         return Outbound(items, acks, _merge(chunk, failed))

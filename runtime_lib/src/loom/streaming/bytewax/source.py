@@ -48,8 +48,11 @@ _TOMBSTONE = "tombstone: the record has no value"
 class SourceSettings:
     """How the source polls, commits and drains."""
 
-    max_poll_records: int = 5000
-    """Records taken per poll (one chunk)."""
+    max_poll_records: int = 1000
+    """Records taken per poll (one chunk). Every operator makes a pass over a
+    chunk; at ~1,000 records a chunk's objects stay in the CPU cache between
+    passes (5,000 measured ~25% slower per record), while Bytewax's per-chunk
+    cost stays small."""
     max_in_flight: int = 100_000
     """Consumed-but-unfinished records per worker before polling pauses."""
     commit_interval_s: float = 1.0
