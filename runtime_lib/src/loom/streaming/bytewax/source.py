@@ -14,12 +14,13 @@ drain timeout passes), commits, and ends.
 
 from __future__ import annotations
 
-import collections
 import logging
 import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import groupby
+from operator import methodcaller
 from typing import Any
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
@@ -42,6 +43,7 @@ _IDLE_COMMIT_INTERVAL_S = 0.1
 """While the input is idle, finished offsets are committed this soon (at most)."""
 _DRAIN_POLL = timedelta(milliseconds=1)
 _TOMBSTONE = "tombstone: the record has no value"
+_partition_of = methodcaller("partition")
 
 
 @dataclass(frozen=True)
@@ -178,30 +180,27 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         decode, progress, tracer = self.decode, self.worker.progress, self._tracer
         records: list[Rec] = []
         failures: list[Failure] = []
-        # One ack per partition per poll: a poll's records of a partition are
-        # consecutive offsets, and the last one seen marks the range's end.
-        partitions = [origin.partition() for origin in origins]
-        last_of = dict(zip(partitions, origins, strict=True))
-        counts = collections.Counter(partitions)
-        acks = {
-            p: progress.partition(p).track(last.offset(), counts[p]) for p, last in last_of.items()
-        }
-        for origin, partition in zip(origins, partitions, strict=True):
-            raw = origin.value()
-            if raw is None:
-                failures += self._wire_failure(origin, acks[partition], _TOMBSTONE)
-                continue
-            try:
-                value = decode(raw)
-            except Exception as exc:
-                failures += self._wire_failure(origin, acks[partition], exc)
-                continue
-            rec = Rec(value, origin, acks[partition])
-            if tracer is not None:
-                headers = origin.headers()
-                if headers:
-                    rec.span = start_record_span(tracer, self.flow, self.topic, headers)
-            records.append(rec)
+        # One ack per run of a partition's records in the poll: they are
+        # consecutive offsets, and the run's last record marks the range's end.
+        for partition, group in groupby(origins, _partition_of):
+            run = list(group)
+            ack = progress.partition(partition).track(run[-1].offset(), len(run))
+            for origin in run:
+                raw = origin.value()
+                if raw is None:
+                    failures += self._wire_failure(origin, ack, _TOMBSTONE)
+                    continue
+                try:
+                    value = decode(raw)
+                except Exception as exc:
+                    failures += self._wire_failure(origin, ack, exc)
+                    continue
+                rec = Rec(value, origin, ack)
+                if tracer is not None:
+                    headers = origin.headers()
+                    if headers:
+                        rec.span = start_record_span(tracer, self.flow, self.topic, headers)
+                records.append(rec)
         return records, failures
 
     def _wire_failure(self, origin: Any, ack: Ack, error: Exception | str) -> list[Failure]:
