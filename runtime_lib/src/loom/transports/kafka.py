@@ -201,16 +201,20 @@ class DeliveryWindow:
         self._count += len(records)
 
     def settle(self, *, force: bool = False, timeout_s: float | None = None) -> None:
+        """Serve delivery reports, then :meth:`confirm`."""
+        self.producer.poll(0)
+        self.confirm(force=force, timeout_s=timeout_s)
+
+    def confirm(self, *, force: bool = False, timeout_s: float | None = None) -> None:
         """Confirm the window if it is due (or ``force``) and the producer drained.
 
         Waits up to ``timeout_s`` (default ``flush_timeout_s``) for the broker.
         """
-        producer = self.producer
-        producer.poll(0)
         if not self._batches:
             return
-        # Nothing outstanding (every record delivered, every error served):
-        # confirm now, without waiting.
+        producer = self.producer
+        # Nothing outstanding (every record delivered, every error report
+        # served: librdkafka counts unserved reports too): confirm at once.
         if len(producer):
             due = self._count >= self.max_records or (
                 time.monotonic() - self._opened >= self.confirm_interval_s
@@ -276,7 +280,7 @@ class KafkaWriter:
             records = [r for i, r in enumerate(records) if i not in refused]
             acks = [a for i, a in enumerate(acks) if i not in refused]
         self.window.add(topic, records, acks, self.report)
-        self.window.settle()
+        self.window.confirm()  # delivery reports are served once per poll, in poll()
 
     def poll(self) -> None:
         self.window.settle()
