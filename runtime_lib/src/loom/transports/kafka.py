@@ -201,9 +201,16 @@ class DeliveryWindow:
         self._count += len(records)
 
     def settle(self, *, force: bool = False, timeout_s: float | None = None) -> None:
-        """Serve delivery reports, then :meth:`confirm`."""
-        self.producer.poll(0)
-        self.confirm(force=force, timeout_s=timeout_s)
+        """:meth:`confirm` the window, or serve the producer's callbacks when it is empty.
+
+        Error reports need no serving before a confirmation: an unserved one
+        keeps the producer's queue non-empty, and the flush that then confirms
+        the window serves it first.
+        """
+        if self._batches:
+            self.confirm(force=force, timeout_s=timeout_s)
+        else:
+            self.producer.poll(0)
 
     def confirm(self, *, force: bool = False, timeout_s: float | None = None) -> None:
         """Confirm the window if it is due (or ``force``) and the producer drained.
@@ -280,7 +287,7 @@ class KafkaWriter:
             records = [r for i, r in enumerate(records) if i not in refused]
             acks = [a for i, a in enumerate(acks) if i not in refused]
         self.window.add(topic, records, acks, self.report)
-        self.window.confirm()  # delivery reports are served once per poll, in poll()
+        self.window.confirm()
 
     def poll(self) -> None:
         self.window.settle()

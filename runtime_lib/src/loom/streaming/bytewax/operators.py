@@ -19,6 +19,7 @@ from prometheus_client import Counter
 from loom.observability.tracing import end_span, with_trace_headers
 from loom.streaming.bytewax.acks import Ack, GroupAck
 from loom.streaming.bytewax.records import (
+    PAYLOAD_TYPES,
     Chunk,
     Failure,
     Outbound,
@@ -73,10 +74,14 @@ class RecordOp(_StepOp):
             if result is None:
                 rec.ack.release()
                 continue
-            if isinstance(result, Message):
+            kind = type(result)
+            if kind in PAYLOAD_TYPES:
+                rec.value = result  # the common case: no isinstance, no method call
+            elif isinstance(result, Message):
                 rec.set_result(result)
             else:
-                rec.value = result  # the common case, without a method call
+                PAYLOAD_TYPES.add(kind)
+                rec.value = result
             out.append(rec)
         return chunk.derive(out, _merge(chunk, failed))
 
