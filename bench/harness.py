@@ -264,7 +264,9 @@ class OutputWatch:
             # ("o000000042"): reading the index from the key keeps the
             # harness's own CPU per record small while the peer is measured.
             for message in good:
-                self.seen.append((int(message.key()[1:]), message.timestamp()[1], now))
+                key = message.key()
+                if key is not None:
+                    self.seen.append((int(key[1:]), message.timestamp()[1], now))
         return len(good)
 
     def close(self) -> None:
