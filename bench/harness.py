@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from work import order_bytes, record_id
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -143,6 +144,15 @@ class Topics:
     partitions: int
 
 
+PEER_LABELS = {
+    "loom": "Loom StreamFlow (at-least-once)",
+    "bytewax": "Bytewax KafkaSource->map->KafkaSink",
+    "quix": "Quix Streams (at-least-once)",
+    "plain": "plain confluent-kafka loop",
+}
+"""The peers ``peers.py`` runs, as every benchmark names them."""
+
+
 class Cluster:
     """The broker as seen by the harness."""
 
@@ -238,10 +248,8 @@ class OutputWatch:
         self._stack = contextlib.ExitStack()
         # Tansu holds every fetch for the full fetch.wait.max.ms even when data is
         # there, so a latency watch asks for short waits.
-        wait_ms = 5 if keep_ids else 50
-        self.consumer = self._stack.enter_context(
-            cluster.consumer(**{"fetch.wait.max.ms": wait_ms})
-        )
+        fetch: dict[str, Any] = {"fetch.wait.max.ms": 5 if keep_ids else 50}
+        self.consumer = self._stack.enter_context(cluster.consumer(**fetch))
         self.consumer.assign(
             [TopicPartition(topics.output, p, OFFSET_BEGINNING) for p in range(topics.partitions)]
         )
