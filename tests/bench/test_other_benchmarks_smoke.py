@@ -1,0 +1,52 @@
+"""Start-up, soak and async benchmarks end to end with tiny sizes, so they cannot rot.
+
+Each runs as a person would run it (its own broker, peers in subprocesses).
+The numbers mean nothing at this size; what is checked is that the run
+completes and prints Loom's figures next to the peers measured in it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, *args: str, timeout_s: float = 120) -> str:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-4000:]
+    return completed.stdout
+
+
+def test_the_startup_benchmark_times_loom_and_its_peers() -> None:
+    out = run_bench("startup.py", "--runs", "1", "--peers", "loom,plain")
+    assert "Loom ready (/readyz): median" in out
+    plain = next(line for line in out.splitlines() if line.startswith("plain confluent-kafka"))
+    assert plain.rstrip().endswith("x")  # its Loom/peer ratio
+
+
+def test_the_soak_samples_loom_beside_the_plain_loop() -> None:
+    tiny = ["--minutes", "0.25", "--rate", "500", "--sample-s", "1", "--warmup-minutes", "0.05"]
+    out = run_bench("soak.py", *tiny)
+    assert "Loom/peer" in out
+    assert "Loom StreamFlow (at-least-once)" in out
+    assert "plain confluent-kafka loop" in out
+    assert "Loom in-flight tracking: median" in out
+
+
+def test_the_async_benchmark_runs_loom_and_a_bare_event_loop_peer() -> None:
+    out = run_bench("async_throughput.py", "--records", "500", "--repeat", "1")
+    rows = [line.split() for line in out.splitlines() if line.startswith("memory")]
+    assert {(row[1], row[2]) for row in rows} == {
+        (backend, who) for backend in ("asyncio", "uvloop", "trio") for who in ("loom", "peer")
+    }
