@@ -24,7 +24,11 @@ class DecodeError(ValueError):
 
 
 class Codec(Protocol):
-    """Turns one record value into a payload and back."""
+    """Turns one record value into a payload and back.
+
+    Codecs subclass it to inherit ``decoder``/``encoder``, which default to
+    the codec's own methods; a codec with faster callables overrides them.
+    """
 
     def decode(self, data: bytes) -> Any: ...
 
@@ -33,12 +37,12 @@ class Codec(Protocol):
     @property
     def decoder(self) -> Callable[[bytes], Any]:
         """The fastest callable that decodes (it may raise its own error types)."""
-        ...
+        return self.decode
 
     @property
     def encoder(self) -> Callable[[Any], bytes]:
         """The fastest callable that encodes."""
-        ...
+        return self.encode
 
 
 def _is_pydantic_model(tp: object) -> bool:
@@ -52,7 +56,7 @@ def _encode_hook(value: Any) -> Any:
     raise NotImplementedError(f"cannot encode objects of type {type(value).__name__}")
 
 
-class MsgspecCodec:
+class MsgspecCodec(Codec):
     """JSON or msgpack through msgspec, validating into ``payload_type``."""
 
     def __init__(self, fmt: CodecName, payload_type: Any) -> None:
@@ -81,7 +85,7 @@ class MsgspecCodec:
         return self._encode
 
 
-class PydanticJsonCodec:
+class PydanticJsonCodec(Codec):
     """JSON through pydantic, for payload types that are pydantic models."""
 
     def __init__(self, payload_type: type[pydantic.BaseModel]) -> None:
@@ -96,16 +100,8 @@ class PydanticJsonCodec:
     def encode(self, value: Any) -> bytes:
         return self._adapter.dump_json(value)
 
-    @property
-    def decoder(self) -> Callable[[bytes], Any]:
-        return self.decode
 
-    @property
-    def encoder(self) -> Callable[[Any], bytes]:
-        return self.encode
-
-
-class RawCodec:
+class RawCodec(Codec):
     """Bytes in, bytes out."""
 
     def decode(self, data: bytes) -> bytes:
@@ -115,14 +111,6 @@ class RawCodec:
         if isinstance(value, bytes | bytearray | memoryview):
             return bytes(value)
         raise TypeError(f"the raw codec writes bytes, got {type(value).__name__}")
-
-    @property
-    def decoder(self) -> Callable[[bytes], Any]:
-        return self.decode
-
-    @property
-    def encoder(self) -> Callable[[Any], bytes]:
-        return self.encode
 
 
 def build_codec(fmt: CodecName, payload_type: Any) -> Codec:

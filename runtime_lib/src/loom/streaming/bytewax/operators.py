@@ -30,7 +30,6 @@ from loom.streaming.bytewax.records import (
 )
 from loom.streaming.codecs import Codec
 from loom.streaming.errors import ErrorEnvelope, ErrorKind
-from loom.streaming.message import Message
 from loom.streaming.plan import CollectPlan, RouterPlan, StepPlan, TopicBinding
 
 ChunkOp = Callable[[Chunk], Chunk]
@@ -74,14 +73,10 @@ class RecordOp(_StepOp):
             if result is None:
                 rec.ack.release()
                 continue
-            kind = type(result)
-            if kind in PAYLOAD_TYPES:
-                rec.value = result  # the common case: no isinstance, no method call
-            elif isinstance(result, Message):
-                rec.set_result(result)
+            if type(result) in PAYLOAD_TYPES:
+                rec.value = result  # the common case, without a method call
             else:
-                PAYLOAD_TYPES.add(kind)
-                rec.value = result
+                rec.set_result(result)
             out.append(rec)
         return chunk.derive(out, _merge(chunk, failed))
 

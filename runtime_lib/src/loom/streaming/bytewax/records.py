@@ -37,6 +37,14 @@ class Origin(Protocol):
     def timestamp(self) -> tuple[int, int]: ...
 
 
+PAYLOAD_TYPES: set[type] = set()
+"""Types steps returned that are not ``Message``s.
+
+``isinstance(result, Message)`` costs ~120 ns for a payload (``Message`` is a
+generic msgspec ``Struct``); a set lookup of the result's type costs ~25.
+"""
+
+
 class Rec(msgspec.Struct, gc=False):
     """One record in flight: its current value, where it came from, its ack.
 
@@ -65,12 +73,15 @@ class Rec(msgspec.Struct, gc=False):
 
     def set_result(self, value: Any) -> None:
         """Store a step's result; a returned ``Message`` also sets key and headers."""
-        if isinstance(value, Message):
-            self.value = value.payload
-            self.key = value.key
-            self.headers = value.headers
-        else:
-            self.value = value
+        kind = type(value)
+        if kind not in PAYLOAD_TYPES:
+            if isinstance(value, Message):
+                self.value = value.payload
+                self.key = value.key
+                self.headers = value.headers
+                return
+            PAYLOAD_TYPES.add(kind)
+        self.value = value
 
     def out_key(self) -> bytes | None:
         if self.key is not None or self.headers is not None or self.origin is None:
@@ -86,14 +97,6 @@ class Rec(msgspec.Struct, gc=False):
 
     def as_message(self) -> Message[Any]:
         return Message(self.value, self.out_key(), self.out_headers(), meta_of(self.origin))
-
-
-PAYLOAD_TYPES: set[type] = set()
-"""Types steps returned that are not ``Message``s.
-
-``isinstance(result, Message)`` costs ~120 ns for a payload (``Message`` is a
-generic msgspec ``Struct``); a set lookup of the result's type costs ~25.
-"""
 
 
 def meta_of(origin: Origin | None) -> MessageMeta | None:
