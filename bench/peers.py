@@ -19,6 +19,7 @@ Every peer commits (where it commits) about once per second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -259,9 +260,19 @@ def run_plain(cfg: dict[str, Any]) -> None:
 PEERS = {"loom": run_loom, "bytewax": run_bytewax, "quix": run_quix, "plain": run_plain}
 
 
+def _heap_tracking(capture: str | None) -> contextlib.AbstractContextManager[object]:
+    """With a path (``bench/soak.py --heap``), record the live heap with memray."""
+    if capture is None:
+        return contextlib.nullcontext()
+    import memray
+
+    return memray.Tracker(capture, memory_interval_ms=1000)
+
+
 def main() -> None:
     name, config = sys.argv[1], json.loads(sys.argv[2])
-    PEERS[name](config)
+    with _heap_tracking(config.get("memray")):
+        PEERS[name](config)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,14 @@ def test_the_startup_benchmark_times_loom_and_its_peers() -> None:
 
 def test_the_soak_samples_loom_beside_the_plain_loop() -> None:
     tiny = ["--minutes", "0.25", "--rate", "500", "--sample-s", "1", "--warmup-minutes", "0.05"]
-    out = run_bench("soak.py", *tiny)
-    assert "Loom/peer" in out
-    assert "Loom StreamFlow (at-least-once)" in out
-    assert "plain confluent-kafka loop" in out
+    out = run_bench("soak.py", *tiny, "--heap")
+    rss, heap = out.split("resident memory (RSS)")[1].split("live heap (memray")
+    for table in (rss, heap):
+        assert "Loom StreamFlow (at-least-once)" in table
+        assert "plain confluent-kafka loop" in table
+        assert "Loom/peer" in table
     assert "Loom in-flight tracking: median" in out
+    assert "plain's broker: " in out
 
 
 def test_the_async_benchmark_runs_loom_and_a_bare_event_loop_peer() -> None:
