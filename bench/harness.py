@@ -291,6 +291,8 @@ class PeerProcess:
     name: str
     config: dict[str, Any]
     log_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the peer alone (an allocator to try, say), not for the broker."""
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     started: float = 0.0
@@ -298,7 +300,7 @@ class PeerProcess:
     def start(self) -> PeerProcess:
         suffix = f"-p{self.config.get('process_id') or 0}"
         self.log_path = self.log_dir / f"{self.name}{suffix}-{uuid.uuid4().hex[:6]}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with self.log_path.open("wb") as log:
             self.started = time.monotonic()
             self.process = subprocess.Popen(

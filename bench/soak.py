@@ -55,9 +55,10 @@ STALL_S = 1.0
 """An input record that takes longer than this to be acknowledged marks a broker stall."""
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of ``pid`` in MiB: all of it (VmRSS) or one part (RssAnon, RssFile)."""
     status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.M)
     return int(match.group(1)) / 1024 if match else 0.0
 
 
@@ -74,6 +75,8 @@ def in_flight(port: int) -> float:
 class Sample(NamedTuple):
     elapsed_s: float
     rss_mib: float
+    anon_mib: float
+    """The anonymous part of the RSS (heap, stacks); the rest is mapped files, such as code."""
     in_flight: float
     """Loom's tracked records, NaN for peers without metrics."""
     broker_rss_mib: float
@@ -118,6 +121,7 @@ class SoakedPeer:
         sample = Sample(
             elapsed,
             rss_mib(self.process.process.pid),
+            rss_mib(self.process.process.pid, "RssAnon"),
             tracked,
             rss_mib(self.broker.pid),
             self.clock.take(),
@@ -135,7 +139,13 @@ class SoakedPeer:
 
 @contextlib.contextmanager
 def soaked_peers(
-    names: list[str], partitions: int, consumer: dict[str, object], heap: bool, logs: Path
+    names: list[str],
+    logs: Path,
+    *,
+    partitions: int,
+    consumer: dict[str, object],
+    heap: bool,
+    peer_env: dict[str, str],
 ) -> Iterator[list[SoakedPeer]]:
     """Start a broker and a peer for each name; stop them all on the way out."""
     with contextlib.ExitStack() as stack:
@@ -153,7 +163,7 @@ def soaked_peers(
                 extra["memray"] = str(capture)
             spec = PeerSpec(name, PEER_LABELS[name], extra=extra)
             [config] = spec.configs(cluster, topics, f"soak-{name}-{uuid.uuid4().hex[:6]}")
-            process = PeerProcess(name, config, logs).start()
+            process = PeerProcess(name, config, logs, peer_env).start()
             stack.callback(process.stop)
             peer = SoakedPeer(name, broker, topics, process, port, capture)
             peer.producer = cluster.producer()
@@ -193,12 +203,12 @@ def soak(peers: list[SoakedPeer], rate: float, duration_s: float, sample_s: floa
 
 
 def _sample_text(peer: SoakedPeer, sample: Sample) -> str:
-    text = f"{peer.name} RSS {sample.rss_mib:6.1f} MiB"
+    text = f"{peer.name} RSS {sample.rss_mib:6.1f} MiB (anon {sample.anon_mib:5.1f})"
     if peer.metrics_port is not None:
         text += f" in flight {sample.in_flight:6.0f}"
-    text += f" | broker {sample.broker_rss_mib:5.0f} MiB"
+    text += f" | broker {sample.broker_rss_mib:5.0f} MiB, acks in {sample.slowest_input_s:4.2f} s"
     if sample.slowest_input_s > STALL_S:
-        text += f" STALL {sample.slowest_input_s:.1f} s"
+        text += " STALL"
     return text
 
 
@@ -249,6 +259,8 @@ def report(
         print("no samples after warm-up: run longer than the warm-up")
         return 1
     loom_median = print_table("resident memory (RSS), the target", rss)
+    anon = {p.name: [s.anon_mib for s in p.samples if s.elapsed_s >= warmup_s] for p in peers}
+    print_table("anonymous part of the RSS (RssAnon: no mapped files)", anon)
     if began_epoch_s is not None:
         heaps = {
             p.name: [
@@ -260,6 +272,7 @@ def report(
             if p.heap_capture is not None
         }
         print_table("live heap (memray: allocated and not yet freed)", heaps)
+        print("(under --heap every RSS includes memray's own ~10 MiB: judge the target without it)")
     within = all(abs(value - loom_median) <= 0.1 * loom_median for value in rss["loom"])
     print(f"\nLoom RSS within ±10% of its median after warm-up: {'PASS' if within else 'MISS'}")
     tracked = [s.in_flight for s in peers[0].samples if s.elapsed_s >= warmup_s]
@@ -294,12 +307,28 @@ def main() -> int:
     parser.add_argument(
         "--heap", action="store_true", help="also track each peer's live heap with memray"
     )
+    parser.add_argument(
+        "--peer-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for the peers only, not the brokers (repeatable), "
+        "e.g. LD_PRELOAD=libjemalloc.so.2",
+    )
     args = parser.parse_args()
+    peer_env = dict(item.split("=", 1) for item in args.peer_env)
     names = [name.strip() for name in args.peers.split(",") if name.strip()]
     if names[:1] != ["loom"] or not set(names) <= set(PEER_LABELS):
         parser.error(f"--peers must start with loom and name peers among {', '.join(PEER_LABELS)}")
     with tempfile.TemporaryDirectory() as logs:
-        with soaked_peers(names, args.partitions, args.consumer, args.heap, Path(logs)) as peers:
+        with soaked_peers(
+            names,
+            Path(logs),
+            partitions=args.partitions,
+            consumer=args.consumer,
+            heap=args.heap,
+            peer_env=peer_env,
+        ) as peers:
             began_epoch_s = time.time()
             sent = soak(peers, args.rate, args.minutes * 60, args.sample_s)
         # The peers have stopped: their heap captures are complete.
