@@ -164,6 +164,26 @@ def test_bad_settings_exit_with_code_2_naming_each_variable(cluster: Cluster) ->
     assert "hunter2-secret" not in stdout + stderr
 
 
+def test_client_settings_librdkafka_rejects_exit_with_code_2_naming_the_variable(
+    cluster: Cluster,
+) -> None:
+    env = service_env(
+        cluster,
+        fresh_topics(cluster, 1),
+        "g",
+        LOOM_KAFKA__CONSUMER='{"fetch.max.bytes": 1000}',  # below message.max.bytes
+        LOOM_KAFKA__PRODUCER='{"no.such.property": 1}',
+    )
+    with ServiceProcess(env) as service:
+        assert service.wait() == 2
+        _, stderr = service.output()
+    [consumer] = [line for line in stderr.splitlines() if "LOOM_KAFKA__CONSUMER" in line]
+    [producer] = [line for line in stderr.splitlines() if "LOOM_KAFKA__PRODUCER" in line]
+    assert "fetch.max.bytes" in consumer
+    assert "no.such.property" in producer
+    assert "Traceback" not in stderr
+
+
 def test_a_missing_topic_stops_the_service_with_one_clear_error(cluster: Cluster) -> None:
     topics = fresh_topics(cluster, 1)
     topics["input"] = f"missing-{uuid.uuid4().hex[:6]}"

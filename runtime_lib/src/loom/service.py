@@ -74,6 +74,9 @@ def run_service(
     logger.info("starting", extra={"topic": config.topics.get(flow.source.topic)})
     try:
         runner.run()
+    except SettingsError as exc:  # the client settings, checked by librdkafka itself
+        _print_problems(flow.name, "invalid settings", exc.problems)
+        return EXIT_SETTINGS
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
         print(f"{flow.name}: cannot start: {exc}", file=sys.stderr)

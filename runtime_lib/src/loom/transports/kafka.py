@@ -33,6 +33,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from loom.config.context import KafkaSettings
+from loom.config.settings import SettingsError
 from loom.errors import StartupError
 from loom.streaming.bytewax.acks import Ack, release_all
 from loom.streaming.bytewax.records import Origin, OutRecord
@@ -85,6 +86,48 @@ _message_error = Message.error
 def _auto_commit(consumer_settings: Mapping[str, Any]) -> bool:
     value = consumer_settings.get("enable.auto.commit", True)
     return str(value).lower() not in ("false", "0", "no")
+
+
+def _check_client_settings(
+    *, common: dict[str, Any], consumer: dict[str, Any], producer: dict[str, Any]
+) -> None:
+    """Have librdkafka check the client settings now, before any worker starts.
+
+    librdkafka checks its settings only when a client is made, and the
+    workers make theirs deep inside Bytewax's start-up, where a bad
+    ``LOOM_KAFKA__CONSUMER`` value would surface as a stack of Bytewax
+    errors. One client of each kind is made here without brokers (so no
+    connection is opened) and dropped.
+
+    :raises SettingsError: naming the variable and librdkafka's reason.
+    """
+    shared = _client_problem(Producer, common)
+    if shared is not None:
+        variables = "LOOM_KAFKA__SECURITY_PROTOCOL, __SASL_* or __SSL_CA_LOCATION"
+        raise SettingsError([f"{variables}: {shared}"])
+    problems = [
+        f"{name}: {problem}"
+        for name, make, config in (
+            ("LOOM_KAFKA__CONSUMER", Consumer, consumer),
+            ("LOOM_KAFKA__PRODUCER", Producer, producer),
+        )
+        if (problem := _client_problem(make, config)) is not None
+    ]
+    if problems:
+        raise SettingsError(problems)
+
+
+def _client_problem(make: type[Consumer] | type[Producer], config: dict[str, Any]) -> str | None:
+    """librdkafka's objection to ``config``, from a client made without brokers."""
+    offline = {key: value for key, value in config.items() if key != "bootstrap.servers"}
+    offline["log_level"] = 0  # no "no bootstrap.servers" warning from the probe client
+    try:
+        client = make(offline)
+    except KafkaException as exc:
+        return str(exc.args[0].str() if exc.args else exc)
+    if isinstance(client, Consumer):
+        client.close()
+    return None
 
 
 class KafkaReader:
@@ -318,6 +361,11 @@ class KafkaTransport:
                 "(or kafka.bootstrap_servers in the config file)"
             )
         self.settings = settings
+        _check_client_settings(
+            common=settings.client_config(),
+            consumer=self._consumer_config(),
+            producer=self._producer_config(),
+        )
         self._windows: dict[int, DeliveryWindow] = {}
         """Per worker: its producer and the records awaiting confirmation."""
         self._partitions: dict[str, int] = {}
@@ -382,14 +430,20 @@ class KafkaTransport:
 
     # -- per worker -------------------------------------------------------
 
-    def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> KafkaReader:
+    def _consumer_config(self) -> dict[str, Any]:
         settings = self.settings
-        config: dict[str, Any] = {
+        return {
             **CONSUMER_DEFAULTS,
             "group.id": settings.group_id or "loom",
             **settings.consumer,
             **settings.client_config(),
         }
+
+    def _producer_config(self) -> dict[str, Any]:
+        return {**PRODUCER_DEFAULTS, **self.settings.producer, **self.settings.client_config()}
+
+    def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> KafkaReader:
+        config = self._consumer_config()
         partitions = [
             p
             for p in range(self.partition_count(binding.physical))
@@ -415,10 +469,5 @@ class KafkaTransport:
     ) -> KafkaWriter:
         window = self._windows.get(worker_index)
         if window is None:
-            config: dict[str, Any] = {
-                **PRODUCER_DEFAULTS,
-                **self.settings.producer,
-                **self.settings.client_config(),
-            }
-            window = self._windows[worker_index] = DeliveryWindow(config)
+            window = self._windows[worker_index] = DeliveryWindow(self._producer_config())
         return KafkaWriter(window.producer, window, binding.physical, report)
