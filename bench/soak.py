@@ -55,11 +55,11 @@ STALL_S = 1.0
 """An input record that takes longer than this to be acknowledged marks a broker stall."""
 
 
-def rss_mib(pid: int, field: str = "VmRSS") -> float:
-    """Resident memory of ``pid`` in MiB: all of it (VmRSS) or one part (RssAnon, RssFile)."""
+def resident_mib(pid: int) -> tuple[float, float]:
+    """Resident memory of ``pid`` in MiB: all of it (VmRSS) and its anonymous part (RssAnon)."""
     status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.M)
-    return int(match.group(1)) / 1024 if match else 0.0
+    found = dict(re.findall(r"^(VmRSS|RssAnon):\s+(\d+) kB", status, re.M))
+    return int(found.get("VmRSS", 0)) / 1024, int(found.get("RssAnon", 0)) / 1024
 
 
 def in_flight(port: int) -> float:
@@ -109,7 +109,8 @@ class SoakedPeer:
     process: PeerProcess
     metrics_port: int | None
     heap_capture: Path | None
-    producer: Any = None
+    producer: Any
+    """The harness's producer of this peer's input."""
     clock: InputClock = field(default_factory=InputClock)
     samples: list[Sample] = field(default_factory=list)
 
@@ -118,14 +119,9 @@ class SoakedPeer:
         assert self.process.process is not None
         assert self.broker.pid is not None
         tracked = float("nan") if self.metrics_port is None else in_flight(self.metrics_port)
-        sample = Sample(
-            elapsed,
-            rss_mib(self.process.process.pid),
-            rss_mib(self.process.process.pid, "RssAnon"),
-            tracked,
-            rss_mib(self.broker.pid),
-            self.clock.take(),
-        )
+        rss, anon = resident_mib(self.process.process.pid)
+        broker_rss, _ = resident_mib(self.broker.pid)
+        sample = Sample(elapsed, rss, anon, tracked, broker_rss, self.clock.take())
         self.samples.append(sample)
         return sample
 
@@ -165,8 +161,7 @@ def soaked_peers(
             [config] = spec.configs(cluster, topics, f"soak-{name}-{uuid.uuid4().hex[:6]}")
             process = PeerProcess(name, config, logs, peer_env).start()
             stack.callback(process.stop)
-            peer = SoakedPeer(name, broker, topics, process, port, capture)
-            peer.producer = cluster.producer()
+            peer = SoakedPeer(name, broker, topics, process, port, capture, cluster.producer())
             stack.callback(peer.producer.flush, 10)
             peers.append(peer)
         yield peers
@@ -223,26 +218,20 @@ def heap_samples(capture: Path, began_epoch_s: float) -> list[tuple[float, float
     ]
 
 
-def drift_row(label: str, values: list[float], loom_median: float | None) -> tuple[str, float]:
-    median = statistics.median(values)
-    low, high = min(values), max(values)
-    drift = f"{(low - median) / median:+.1%} / {(high - median) / median:+.1%}"
-    ratio = (loom_median if loom_median is not None else median) / median
-    row = f"{label:<38}{median:>6.1f} MiB{low:>9.1f}{high:>9.1f}{drift:>17}  {ratio:8.2f}x"
-    return row, median
-
-
 def print_table(title: str, series: dict[str, list[float]]) -> float:
-    """One drift table, Loom first; returns Loom's median."""
+    """One drift table, Loom first, with Loom's median over each peer's; returns Loom's."""
+    medians = {name: statistics.median(values) for name, values in series.items()}
+    loom = medians["loom"]
     print(f"\n{title}")
     print(f"{'peer':<38}{'median':>10}{'min':>9}{'max':>9}{'drift':>17}  Loom/peer")
-    loom_median: float | None = None
     for name, values in series.items():
-        row, median = drift_row(PEER_LABELS[name], values, loom_median)
-        loom_median = median if loom_median is None else loom_median
-        print(row)
-    assert loom_median is not None
-    return loom_median
+        median, low, high = medians[name], min(values), max(values)
+        drift = f"{(low - median) / median:+.1%} / {(high - median) / median:+.1%}"
+        print(
+            f"{PEER_LABELS[name]:<38}{median:>6.1f} MiB{low:>9.1f}{high:>9.1f}{drift:>17}"
+            f"  {loom / median:8.2f}x"
+        )
+    return loom
 
 
 def report(
@@ -250,7 +239,7 @@ def report(
     warmup_s: float,
     duration_s: float,
     sent: int,
-    began_epoch_s: float | None,
+    began_epoch_s: float,
 ) -> int:
     rate = sent / duration_s
     print(f"\nafter warm-up ({warmup_s:.0f} s), input {rate:,.0f} records/s into each peer")
@@ -261,16 +250,16 @@ def report(
     loom_median = print_table("resident memory (RSS), the target", rss)
     anon = {p.name: [s.anon_mib for s in p.samples if s.elapsed_s >= warmup_s] for p in peers}
     print_table("anonymous part of the RSS (RssAnon: no mapped files)", anon)
-    if began_epoch_s is not None:
-        heaps = {
-            p.name: [
-                mib
-                for t, mib in heap_samples(p.heap_capture, began_epoch_s)
-                if warmup_s <= t <= duration_s
-            ]
-            for p in peers
-            if p.heap_capture is not None
-        }
+    heaps = {
+        p.name: [
+            mib
+            for t, mib in heap_samples(p.heap_capture, began_epoch_s)
+            if warmup_s <= t <= duration_s
+        ]
+        for p in peers
+        if p.heap_capture is not None
+    }
+    if heaps:
         print_table("live heap (memray: allocated and not yet freed)", heaps)
         print("(under --heap every RSS includes memray's own ~10 MiB: judge the target without it)")
     within = all(abs(value - loom_median) <= 0.1 * loom_median for value in rss["loom"])
@@ -337,7 +326,7 @@ def main() -> int:
             args.warmup_minutes * 60,
             args.minutes * 60,
             sent,
-            began_epoch_s if args.heap else None,
+            began_epoch_s,
         )
 
 

@@ -88,30 +88,30 @@ def _auto_commit(consumer_settings: Mapping[str, Any]) -> bool:
     return str(value).lower() not in ("false", "0", "no")
 
 
-def _check_client_settings(
-    *, common: dict[str, Any], consumer: dict[str, Any], producer: dict[str, Any]
-) -> None:
+def _check_client_settings(*, consumer: dict[str, Any], producer: dict[str, Any]) -> None:
     """Have librdkafka check the client settings now, before any worker starts.
 
     librdkafka checks its settings only when a client is made, and the
     workers make theirs deep inside Bytewax's start-up, where a bad
     ``LOOM_KAFKA__CONSUMER`` value would surface as a stack of Bytewax
     errors. One client of each kind is made here without brokers (so no
-    connection is opened) and dropped.
+    connection is opened) and dropped. When both refuse for the same reason,
+    the settings they share (security, SASL, TLS) are at fault.
 
     :raises SettingsError: naming the variable and librdkafka's reason.
     """
-    shared = _client_problem(Producer, common)
-    if shared is not None:
-        variables = "LOOM_KAFKA__SECURITY_PROTOCOL, __SASL_* or __SSL_CA_LOCATION"
-        raise SettingsError([f"{variables}: {shared}"])
+    refused = _client_problem(Consumer, consumer)
+    refused_producer = _client_problem(Producer, producer)
+    if refused is not None and refused == refused_producer:
+        shared = "LOOM_KAFKA__SECURITY_PROTOCOL, __SASL_* or __SSL_CA_LOCATION"
+        raise SettingsError([f"{shared}: {refused}"])
     problems = [
         f"{name}: {problem}"
-        for name, make, config in (
-            ("LOOM_KAFKA__CONSUMER", Consumer, consumer),
-            ("LOOM_KAFKA__PRODUCER", Producer, producer),
+        for name, problem in (
+            ("LOOM_KAFKA__CONSUMER", refused),
+            ("LOOM_KAFKA__PRODUCER", refused_producer),
         )
-        if (problem := _client_problem(make, config)) is not None
+        if problem is not None
     ]
     if problems:
         raise SettingsError(problems)
@@ -361,11 +361,7 @@ class KafkaTransport:
                 "(or kafka.bootstrap_servers in the config file)"
             )
         self.settings = settings
-        _check_client_settings(
-            common=settings.client_config(),
-            consumer=self._consumer_config(),
-            producer=self._producer_config(),
-        )
+        _check_client_settings(consumer=self._consumer_config(), producer=self._producer_config())
         self._windows: dict[int, DeliveryWindow] = {}
         """Per worker: its producer and the records awaiting confirmation."""
         self._partitions: dict[str, int] = {}
