@@ -24,7 +24,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from loom.streaming.errors import ErrorKind
+from loom.config.context import ConfigContext
+from loom.streaming.compiler import compile_flow
+from loom.streaming.errors import ErrorKind, FlowValidationError
 from loom.streaming.nodes import (
     BatchStep,
     CollectBatch,
@@ -41,7 +43,16 @@ from loom.streaming.nodes import (
     display_name,
 )
 
-__all__ = ["MARKER_END", "MARKER_START", "add_command", "embed", "fenced", "load_flow", "mermaid"]
+__all__ = [
+    "MARKER_END",
+    "MARKER_START",
+    "add_command",
+    "embed",
+    "fenced",
+    "load_flow",
+    "mermaid",
+    "problems",
+]
 
 MARKER_START = "<!-- loom-graph:start -->"
 MARKER_END = "<!-- loom-graph:end -->"
@@ -261,11 +272,71 @@ def load_flow(target: str) -> StreamFlow[Any, Any]:
     return obj
 
 
+def _declared_names(flow: StreamFlow[Any, Any]) -> tuple[set[str], set[str]]:
+    """The logical topics and the sink names a flow declares, anywhere in it."""
+    topics: set[str] = set()
+    sinks: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, FromTopic | IntoTopic) and isinstance(node.topic, str):
+            topics.add(node.topic)
+        elif isinstance(node, IntoSink) and isinstance(node.sink, str):
+            sinks.add(node.sink)
+        elif isinstance(node, Process):
+            for child in node.nodes:
+                visit(child)
+        elif isinstance(node, Router):
+            for route in node.routes:
+                visit(route.to)
+            visit(node.default)
+
+    visit(flow.source)
+    visit(flow.process)
+    visit(flow.output)
+    errors = flow.errors
+    for terminal in errors.values() if isinstance(errors, Mapping) else (errors,):
+        visit(terminal)
+    return topics, sinks
+
+
+def problems(flow: StreamFlow[Any, Any]) -> tuple[str, ...]:
+    """What :func:`~loom.streaming.compile_flow` rejects in ``flow``, bindings aside.
+
+    Every logical topic and sink the flow names counts as bound, since topic
+    and sink bindings belong to the deployment, not to the declaration.
+    """
+    topics, sinks = _declared_names(flow)
+    config = ConfigContext.from_dict(
+        {
+            "topics": {topic: topic for topic in topics},
+            "streaming": {"sinks": {sink: {"type": "any"} for sink in sinks}},
+        }
+    )
+    try:
+        compile_flow(flow, config)
+    except FlowValidationError as exc:
+        return exc.problems
+    return ()
+
+
 def _command(args: argparse.Namespace) -> int:
     try:
         flow = load_flow(args.target)
     except (ImportError, AttributeError, ValueError, TypeError) as exc:
         print(f"loom graph: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the user's module failed while importing
+        print(
+            f"loom graph: importing {args.target} failed: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    found = problems(flow)
+    if found:
+        count = f"{len(found)} problem{'s' if len(found) != 1 else ''}"
+        print(f"loom graph: {args.target} is not a valid flow ({count}):", file=sys.stderr)
+        for problem in found:
+            print(f"  - {' '.join(problem.split())}", file=sys.stderr)
         return 2
     diagram = mermaid(flow, direction=args.direction)
     if args.readme is None:
@@ -297,12 +368,27 @@ def add_command(commands: Any) -> None:
     parser = commands.add_parser(
         "graph",
         help="print a flow as a Mermaid diagram",
-        description="Print the Mermaid flowchart of a StreamFlow (module:attribute).",
+        description=(
+            "Print the Mermaid flowchart of a StreamFlow (module:attribute), after checking "
+            "it as compile_flow does (topic and sink bindings aside). Exit status: 0 done, "
+            "1 with --check: the diagram in the README is outdated, 2 the target does not "
+            "import or is not a valid flow (one line per problem)."
+        ),
     )
-    parser.add_argument("target", metavar="MODULE:ATTR", help="e.g. orders_enricher.flow:flow")
-    parser.add_argument("--direction", default="LR", choices=("LR", "TD", "RL", "BT"))
     parser.add_argument(
-        "--markdown", action="store_true", help="wrap the diagram in a ```mermaid block"
+        "target",
+        metavar="MODULE:ATTR",
+        help="the flow, or a function without arguments returning it, "
+        "e.g. orders_enricher.flow:flow",
+    )
+    parser.add_argument(
+        "--direction",
+        default="LR",
+        choices=("LR", "TD", "RL", "BT"),
+        help="direction of the flowchart (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--markdown", action="store_true", help="wrap the diagram in a Markdown mermaid code block"
     )
     parser.add_argument(
         "--readme",
