@@ -1,10 +1,34 @@
 """Prometheus metrics of a running flow.
 
-Updated per chunk (a poll's worth of records), never per record, so that
-metrics cost stays negligible next to the records' own work.
+Synchronous operators update them once per chunk (a poll's worth of
+records), never per record, so that metrics cost stays negligible next to the
+records' own work. Async steps observe each call's duration where the call
+runs (one histogram observation per call, on the event loop thread), and the
+async gauges are read from the operator's own counters at scrape time.
+
+Families (every one also carries ``flow``):
+
+- ``loom_records_consumed_total{topic}``, ``loom_records_produced_total{topic}``
+- ``loom_records_dead_lettered_total{topic, kind, node}``: records routed to an
+  error terminal; ``topic`` is where they went (a topic, a sink name, or
+  ``drain``), ``node`` the node that failed them.
+- ``loom_records_dropped_total{node, reason}``: records that ended on purpose
+  without an output: ``reason`` is ``filtered`` (a record step returned
+  ``None``), ``empty`` (an expand or batch step returned no records; a batch
+  counts its input records) or ``drained`` (they reached a ``Drain()``).
+- ``loom_step_seconds{node}``: one observation per record a step processed
+  (synchronous steps: each record of a chunk at the chunk's mean time; async
+  steps: each call's own duration, its wait for a concurrency slot excluded).
+- ``loom_async_in_flight{node, worker}``: async calls running now (at most
+  ``max_concurrency``); ``loom_async_queued{node, worker}``: records handed to
+  the node and waiting for a slot.
+- ``loom_poll_batch_records``, ``loom_in_flight_records{worker}``,
+  ``loom_committed_offset{topic, partition}``, ``loom_consumer_lag{topic, partition}``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.process_collector import ProcessCollector
@@ -15,8 +39,16 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000)
 
 
+class DropReason:
+    """Values of the ``reason`` label of ``loom_records_dropped_total``."""
+
+    FILTERED = "filtered"
+    EMPTY = "empty"
+    DRAINED = "drained"
+
+
 class FlowMetrics:
-    """The metric families of DESIGN §5, registered in one registry."""
+    """The metric families of a flow (see the module docstring), in one registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -34,13 +66,19 @@ class FlowMetrics:
         )
         self.dead_lettered = Counter(
             "loom_records_dead_lettered",
-            "Records routed to an error terminal, by error kind.",
-            ["flow", "topic", "kind"],
+            "Records routed to an error terminal (topic), by error kind and failing node.",
+            ["flow", "topic", "kind", "node"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "loom_records_dropped",
+            "Records ended on purpose without output: filtered, empty expansion, drained.",
+            ["flow", "node", "reason"],
             registry=registry,
         )
         self.step_seconds = Histogram(
             "loom_step_seconds",
-            "Time a step spends per record (averaged over each chunk).",
+            "Seconds a step spends per record (sync: chunk mean per record; async: per call).",
             ["flow", "node"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
@@ -72,10 +110,37 @@ class FlowMetrics:
         )
         self.async_in_flight = Gauge(
             "loom_async_in_flight",
-            "Async calls in flight, per async node and worker.",
+            "Async calls running now, per async node and worker (at most max_concurrency).",
             ["flow", "node", "worker"],
             registry=registry,
         )
+        self.async_queued = Gauge(
+            "loom_async_queued",
+            "Records handed to an async node and waiting for a concurrency slot.",
+            ["flow", "node", "worker"],
+            registry=registry,
+        )
+
+
+def observe_many(histogram: Any, amount: float, count: int) -> None:
+    """Observe ``amount`` ``count`` times in one update (a labelled ``Histogram`` child).
+
+    ``prometheus_client`` has no weighted observation; ``count`` calls of
+    ``observe`` would take ``2 * count`` locks per chunk. This adds to the
+    sum and to the one bucket ``amount`` falls in, as ``observe`` does;
+    without those internals it falls back to one observation.
+    """
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    total = getattr(histogram, "_sum", None)
+    if buckets is None or bounds is None or total is None:
+        histogram.observe(amount)
+        return
+    total.inc(amount * count)
+    for index, bound in enumerate(bounds):
+        if amount <= bound:
+            buckets[index].inc(count)
+            break
 
 
 def new_registry(*, process_metrics: bool = True) -> CollectorRegistry:

@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
+from loom.observability.logs import DeadLetterLog
 from loom.observability.metrics import FlowMetrics, new_registry
 
 
@@ -38,6 +39,9 @@ class ObservabilityRuntime:
     :param instrument_dataflow: False leaves only the two run spans: no
         metrics, batch or record spans inside the dataflow (to measure what
         observability costs).
+    :param dead_letter_log: How dead letters are logged (a default
+        :class:`DeadLetterLog`: one line per kind and node per 10 s); logged
+        even when ``instrument_dataflow`` is False.
     """
 
     def __init__(
@@ -47,8 +51,10 @@ class ObservabilityRuntime:
         registry: CollectorRegistry | None = None,
         batch_span_ratio: float = 0.01,
         instrument_dataflow: bool = True,
+        dead_letter_log: DeadLetterLog | None = None,
     ) -> None:
         self.instrument_dataflow = instrument_dataflow
+        self.dead_letter_log = dead_letter_log or DeadLetterLog()
         self.tracer_provider = tracer_provider or trace.get_tracer_provider()
         self.tracer = self.tracer_provider.get_tracer("loom.streaming")
         self.registry = registry if registry is not None else new_registry()

@@ -46,6 +46,15 @@ class ErrorEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     Written to a dead-letter topic as JSON; ``value`` and ``key`` hold the
     original bytes untouched (base64 in JSON), so a replay re-produces exactly
     what was consumed.
+
+    ``traceback`` is where a ``TASK``, ``BUSINESS`` or ``TIMEOUT`` error
+    happened: the innermost :data:`TRACEBACK_FRAMES` frames, one
+    ``file:line in function`` per line (innermost last; where a timed-out
+    call was waiting when it was cancelled), at most
+    :data:`TRACEBACK_MAX_CHARS` characters. It holds no source text and no
+    local values. Other kinds have none: ``WIRE`` errors come from the
+    decoder (no frame of the flow's code; ``message`` names what was
+    invalid), ``ROUTING`` from a missing route, ``DELIVERY`` from the broker.
     """
 
     kind: ErrorKind
@@ -62,6 +71,13 @@ class ErrorEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     value: bytes | None
     attempt: int
     occurred_at: datetime
+    traceback: str | None = None
+
+
+TRACEBACK_FRAMES = 10
+"""Frames an envelope's ``traceback`` keeps (the innermost ones)."""
+TRACEBACK_MAX_CHARS = 4000
+"""Upper bound of an envelope's ``traceback``; longer ones lose outer lines first."""
 
 
 class FlowValidationError(ValueError):

@@ -20,17 +20,19 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.outputs import DynamicSink
 
 from loom.observability import ObservabilityRuntime
+from loom.observability.logs import DeadLetterLog
+from loom.observability.metrics import DropReason, observe_many
 from loom.streaming.bytewax.bridge import AsyncBridge, AsyncOp
 from loom.streaming.bytewax.operators import (
     ChunkOp,
     CollectOp,
     DeadLetterEncoder,
+    DrainOp,
     EncodeOp,
     ExpandOp,
     RecordOp,
     RouterOp,
     SelectErrors,
-    drain,
     drain_errors,
     envelopes,
     to_messages,
@@ -110,6 +112,10 @@ class DataflowBuilder:
         self.observability = observability
         self.recovery = recovery
         self._failure_streams: list[Stream[list[Failure]]] = []
+        self.metrics = observability.metrics if observability is not None else None
+        self.dead_letter_log = (
+            observability.dead_letter_log if observability is not None else DeadLetterLog()
+        )
 
     def build(self) -> Dataflow:
         flow = Dataflow(self.plan.name.replace(".", "_"))
@@ -129,7 +135,10 @@ class DataflowBuilder:
 
     def _branch(self, branch: BranchPlan, stream: Stream[Chunk]) -> None:
         for step in branch.steps:
-            stream = op.map(step.node_id, stream, self._timed(step.node_id, self._operator(step)))
+            operator = self._operator(step)
+            if not isinstance(step, AsyncPlan):  # async steps time each call themselves
+                operator = self._timed(step.node_id, operator)
+            stream = op.map(step.node_id, stream, operator)
         end = branch.end
         if isinstance(end, RouterPlan):
             router = RouterOp(self.plan.name, end)
@@ -143,10 +152,10 @@ class DataflowBuilder:
             self._terminal(end, stream)
 
     def _timed(self, node: str, operator: ChunkOp) -> ChunkOp:
-        """Observe the step's per-record time, once per chunk."""
-        if self.observability is None:
+        """Observe the step's time per record: every record at the chunk's mean, once per chunk."""
+        if self.metrics is None:
             return operator
-        histogram = self.observability.metrics.step_seconds.labels(self.plan.name, node)
+        histogram = self.metrics.step_seconds.labels(self.plan.name, node)
 
         def timed(chunk: Chunk) -> Chunk:
             count = len(chunk.records)
@@ -154,7 +163,7 @@ class DataflowBuilder:
                 return operator(chunk)
             started = time.perf_counter()
             result = operator(chunk)
-            histogram.observe((time.perf_counter() - started) / count)
+            observe_many(histogram, (time.perf_counter() - started) / count, count)
             return result
 
         return timed
@@ -173,13 +182,10 @@ class DataflowBuilder:
         if isinstance(step, AsyncPlan):
             if self.bridge is None:
                 raise RuntimeError(f"{step.node_id} is async but the run has no AsyncBridge")
-            gauge = None
-            if self.observability is not None:
-                gauge = self.observability.metrics.async_in_flight
-            return AsyncOp(self.plan.name, step, self.bridge, self.run, gauge)
+            return AsyncOp(self.plan.name, step, self.bridge, self.run, self.metrics)
         if step.kind == "record":
-            return RecordOp(self.plan.name, step)
-        return ExpandOp(self.plan.name, step)
+            return RecordOp(self.plan.name, step, self.metrics)
+        return ExpandOp(self.plan.name, step, self.metrics)
 
     def _terminal(self, terminal: TerminalPlan, stream: Stream[Chunk]) -> None:
         node = terminal.node_id
@@ -191,7 +197,10 @@ class DataflowBuilder:
             outbound = op.map(f"{node}__messages", stream, to_messages)
             op.output(node, outbound, AckingSink(self.named_sinks[terminal.name]))
         else:
-            outbound = op.map(node, stream, drain)
+            dropped = None
+            if self.metrics is not None:
+                dropped = self.metrics.dropped.labels(self.plan.name, node, DropReason.DRAINED)
+            outbound = op.map(node, stream, DrainOp(dropped))
         self._failure_streams.append(op.filter_map(f"{node}__failures", outbound, _failures_of))
 
     # -- errors -----------------------------------------------------------
@@ -211,19 +220,17 @@ class DataflowBuilder:
             op.output(f"errors__{kind.value}__sink", outbound, AckingSink(sink))
 
     def _select(self, kinds: list[ErrorKind], target: TerminalPlan | str) -> SelectErrors:
-        counter = None
-        if self.observability is not None:
-            if isinstance(target, TopicSinkPlan):
-                label = target.binding.physical
-            elif isinstance(target, NamedSinkPlan):
-                label = target.name
-            elif isinstance(target, DrainPlan):
-                label = "drain"
-            else:
-                label = target
-            counter = self.observability.metrics.dead_lettered
-            return SelectErrors(kinds, counter, (self.plan.name, label))
-        return SelectErrors(kinds)
+        """Choose, count and log the failures of ``kinds`` for ``target``."""
+        if isinstance(target, TopicSinkPlan):
+            label = target.binding.physical
+        elif isinstance(target, NamedSinkPlan):
+            label = target.name
+        elif isinstance(target, DrainPlan):
+            label = "drain"
+        else:
+            label = target
+        counter = self.metrics.dead_lettered if self.metrics is not None else None
+        return SelectErrors(kinds, counter, (self.plan.name, label), self.dead_letter_log)
 
     def _error_terminal(self, terminal: TerminalPlan, failures: Stream[list[Failure]]) -> None:
         node = f"errors__{terminal.node_id}"

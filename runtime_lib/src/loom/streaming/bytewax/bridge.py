@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
@@ -26,20 +27,26 @@ from typing import Any
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
-from prometheus_client import Gauge
 
 from loom.config.runtime import AsyncBackend
+from loom.observability.metrics import DropReason, FlowMetrics
 from loom.streaming.bytewax.operators import fan_out, materialise, step_argument
-from loom.streaming.bytewax.records import Chunk, Failure, Rec, error_kind_of, failures_for
+from loom.streaming.bytewax.records import (
+    AsyncTimeout,
+    Chunk,
+    Failure,
+    Rec,
+    error_kind_of,
+    failures_for,
+    format_traceback,
+)
 from loom.streaming.bytewax.state import RunState
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import AsyncPlan
 
 logger = logging.getLogger("loom.streaming.async")
 
-
-class AsyncTimeout(Exception):
-    """An async step ran longer than its ``timeout_ms``."""
+__all__ = ["AsyncBridge", "AsyncOp", "AsyncTimeout"]
 
 
 class AsyncBridge:
@@ -108,7 +115,7 @@ class _Lane:
     before it is read.
     """
 
-    __slots__ = ("harvested", "queue", "records", "results", "runners", "submitted")
+    __slots__ = ("harvested", "queue", "records", "results", "runners", "running", "submitted")
 
     def __init__(self) -> None:
         self.records: dict[int, Rec] = {}
@@ -119,6 +126,9 @@ class _Lane:
         """Calls not started yet (loop thread only)."""
         self.runners = 0
         """Coroutines taking calls from ``queue`` (loop thread only)."""
+        self.running = 0
+        """Calls started and not finished (written by the loop thread; the
+        ``loom_async_in_flight`` gauge reads it at scrape time)."""
 
     @property
     def pending(self) -> int:
@@ -140,17 +150,24 @@ class AsyncOp:
         plan: AsyncPlan,
         bridge: AsyncBridge,
         run: RunState,
-        in_flight: Gauge | None = None,
+        metrics: FlowMetrics | None = None,
     ) -> None:
         self.flow = flow
         self.node = plan.node_id
         self.plan = plan
         self.bridge = bridge
         self.run = run
-        self.in_flight_gauge = in_flight
+        self.metrics = metrics
         self.timeout_s = None if plan.timeout_ms is None else plan.timeout_ms / 1000
         self.backlog_limit = max(1000, 4 * plan.max_concurrency)
         self._lanes: dict[int, _Lane] = {}
+        self._seconds = None
+        self._filtered = None
+        self._empty = None
+        if metrics is not None:
+            self._seconds = metrics.step_seconds.labels(flow, self.node)
+            self._filtered = metrics.dropped.labels(flow, self.node, DropReason.FILTERED)
+            self._empty = metrics.dropped.labels(flow, self.node, DropReason.EMPTY)
 
     # -- event loop side ----------------------------------------------------
 
@@ -170,30 +187,43 @@ class AsyncOp:
                 group.start_soon(self._runner, lane)
 
     async def _runner(self, lane: _Lane) -> None:
-        queue, results = lane.queue, lane.results
+        queue, results, seconds = lane.queue, lane.results, self._seconds
+        clock = time.perf_counter
         try:
             while queue:
                 seq, argument = queue.popleft()
+                lane.running += 1
+                started = clock()
                 try:
                     results[seq] = (True, await self._invoke(argument))
                 except Exception as exc:
                     results[seq] = (False, exc)
+                finally:
+                    lane.running -= 1
+                    if seconds is not None:
+                        seconds.observe(clock() - started)
         finally:
             lane.runners -= 1
 
     async def _invoke(self, argument: Any) -> Any:
         if self.timeout_s is None:
             return await self.plan.fn(argument)
-        with anyio.move_on_after(self.timeout_s):
-            return await self.plan.fn(argument)
-        raise AsyncTimeout(f"{self.node} did not finish within {self.plan.timeout_ms} ms")
+        stack = None
+        with anyio.move_on_after(self.timeout_s) as scope:
+            try:
+                return await self.plan.fn(argument)
+            except anyio.get_cancelled_exc_class() as cancelled:
+                if scope.cancel_called:  # where the call was waiting when it timed out
+                    stack = format_traceback(cancelled.__traceback__)
+                raise
+        raise AsyncTimeout(f"{self.node} did not finish within {self.plan.timeout_ms} ms", stack)
 
     # -- worker side --------------------------------------------------------
 
     def __call__(self, chunk: Chunk) -> Chunk:
         lane = self._lanes.get(chunk.worker)
         if lane is None:
-            lane = self._lanes[chunk.worker] = _Lane()
+            lane = self._lanes[chunk.worker] = self._new_lane(chunk.worker)
         if chunk.records:
             batch = []
             for rec in chunk.records:
@@ -205,35 +235,51 @@ class AsyncOp:
         out: list[Rec] = []
         failed: list[Failure] = []
         results = lane.results
+        dropped = 0
         while lane.harvested in results:
             seq = lane.harvested
             ok, value = results.pop(seq)
-            self._resolve(lane.records.pop(seq), ok, value, out, failed)
+            dropped += self._resolve(lane.records.pop(seq), ok, value, out, failed)
             lane.harvested += 1
         self.run.worker(chunk.worker).async_backlog[self.node] = lane.pending - self.backlog_limit
-        if self.in_flight_gauge is not None:
-            self.in_flight_gauge.labels(self.flow, self.node, str(chunk.worker)).set(lane.pending)
+        if dropped:
+            counter = self._filtered if self.plan.kind == "record" else self._empty
+            if counter is not None:
+                counter.inc(dropped)
         if not out and not failed and not chunk.records:
             return chunk
         return chunk.derive(out, [*chunk.failures, *failed] if failed else chunk.failures)
 
+    def _new_lane(self, worker: int) -> _Lane:
+        lane = _Lane()
+        if self.metrics is not None:
+            labels = (self.flow, self.node, str(worker))
+            # Read at scrape time: the calls running now, not a per-chunk snapshot.
+            self.metrics.async_in_flight.labels(*labels).set_function(lambda: lane.running)
+            self.metrics.async_queued.labels(*labels).set_function(lambda: len(lane.queue))
+        return lane
+
     def _resolve(
         self, rec: Rec, ok: bool, value: Any, out: list[Rec], failed: list[Failure]
-    ) -> None:
+    ) -> int:
+        """Emit a finished call's result; returns the input records it dropped."""
         if not ok:
             kind = ErrorKind.TIMEOUT if isinstance(value, AsyncTimeout) else error_kind_of(value)
             failed += failures_for(self.flow, self.node, kind, rec, value)
-            return
+            return 0
         if self.plan.kind == "record":
             if value is None:
                 rec.ack.release()
-            else:
-                rec.set_result(value)
-                out.append(rec)
-            return
+                return 1 if rec.members is None else len(rec.members)
+            rec.set_result(value)
+            out.append(rec)
+            return 0
         try:
             results = materialise(value)
         except TypeError as exc:
             failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, exc)
-            return
+            return 0
         fan_out(rec, results, rec.ack, out)
+        if results:
+            return 0
+        return 1 if rec.members is None else len(rec.members)

@@ -16,6 +16,8 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from loom.observability.logs import DeadLetterLog
+from loom.observability.metrics import DropReason, FlowMetrics
 from loom.observability.tracing import end_span, with_trace_headers
 from loom.streaming.bytewax.acks import Ack, GroupAck
 from loom.streaming.bytewax.records import (
@@ -45,14 +47,27 @@ def step_argument(rec: Rec, takes_message: bool) -> Any:
     return rec.as_message() if takes_message else rec.value
 
 
-class _StepOp:
-    """A user function applied by an operator, with what failures need to name."""
+def dropped_count(rec: Rec) -> int:
+    """Input records a dropped record stands for (a batch: its members)."""
+    return 1 if rec.members is None else len(rec.members)
 
-    def __init__(self, flow: str, plan: StepPlan) -> None:
+
+class _StepOp:
+    """A user function applied by an operator, with what failures need to name.
+
+    ``dropped`` counts records the step ends without output (once per chunk).
+    """
+
+    reason = DropReason.FILTERED
+
+    def __init__(self, flow: str, plan: StepPlan, metrics: FlowMetrics | None = None) -> None:
         self.flow = flow
         self.node = plan.node_id
         self.fn = plan.fn
         self.takes_message = plan.takes_message
+        self.dropped: Counter | None = None
+        if metrics is not None:
+            self.dropped = metrics.dropped.labels(flow, self.node, self.reason)
 
 
 class RecordOp(_StepOp):
@@ -64,6 +79,7 @@ class RecordOp(_StepOp):
         fn, takes_message = self.fn, self.takes_message
         out: list[Rec] = []
         failed: list[Failure] = []
+        dropped = 0
         for rec in chunk.records:
             try:
                 result = fn(rec.as_message() if takes_message else rec.value)
@@ -72,12 +88,15 @@ class RecordOp(_StepOp):
                 continue
             if result is None:
                 rec.ack.release()
+                dropped += dropped_count(rec)
                 continue
             if type(result) in PAYLOAD_TYPES:
                 rec.value = result  # the common case, without a method call
             else:
                 rec.set_result(result)
             out.append(rec)
+        if dropped and self.dropped is not None:
+            self.dropped.inc(dropped)
         return chunk.derive(out, _merge(chunk, failed))
 
 
@@ -101,18 +120,25 @@ class ExpandOp(_StepOp):
     halfway sends the whole input to the error route and no partial output.
     """
 
+    reason = DropReason.EMPTY
+
     def __call__(self, chunk: Chunk) -> Chunk:
         if not chunk.records:
             return chunk
         out: list[Rec] = []
         failed: list[Failure] = []
+        dropped = 0
         for rec in chunk.records:
             try:
                 results = materialise(self.fn(step_argument(rec, self.takes_message)))
             except Exception as exc:
                 failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
                 continue
+            if not results:
+                dropped += dropped_count(rec)
             fan_out(rec, results, rec.ack, out)
+        if dropped and self.dropped is not None:
+            self.dropped.inc(dropped)
         return chunk.derive(out, _merge(chunk, failed))
 
 
@@ -270,32 +296,57 @@ def to_messages(chunk: Chunk) -> Outbound:
     )
 
 
-def drain(chunk: Chunk) -> Outbound:
-    """``Drain``: records end here on purpose; they count as finished."""
-    for rec in chunk.records:
-        rec.ack.release()
-    return Outbound([], [], chunk.failures)
+class DrainOp:
+    """``Drain``: records end here on purpose; they count as finished (and dropped)."""
+
+    def __init__(self, counter: Counter | None = None) -> None:
+        self.counter = counter
+
+    def __call__(self, chunk: Chunk) -> Outbound:
+        dropped = 0
+        for rec in chunk.records:
+            rec.ack.release()
+            dropped += 1 if rec.members is None else len(rec.members)
+        if dropped and self.counter is not None:
+            self.counter.inc(dropped)
+        return Outbound([], [], chunk.failures)
+
+
+drain = DrainOp()
+"""A ``Drain`` that counts nothing."""
 
 
 class SelectErrors:
-    """Pick the failures of some kinds for one error terminal (and count them)."""
+    """Pick the failures of some kinds for one error terminal; count and log them.
+
+    Each failure is chosen by exactly one error terminal, so counting and
+    logging here sees every dead letter once. ``labels`` are the counter's
+    ``(flow, topic)``; kind and failing node are added per failure.
+    """
 
     def __init__(
         self,
         kinds: Iterable[ErrorKind],
         counter: Counter | None = None,
         labels: tuple[str, str] = ("", ""),
+        log: DeadLetterLog | None = None,
     ) -> None:
         self.kinds = frozenset(kinds)
         self.counter = counter
         self.labels = labels
+        self.log = log
 
     def __call__(self, failures: list[Failure]) -> list[Failure] | None:
         chosen = [failure for failure in failures if failure.envelope.kind in self.kinds]
-        if chosen and self.counter is not None:
-            for kind, count in collections.Counter(f.envelope.kind for f in chosen).items():
-                self.counter.labels(*self.labels, kind.value).inc(count)
-        return chosen or None
+        if not chosen:
+            return None
+        if self.counter is not None:
+            counts = collections.Counter((f.envelope.kind, f.envelope.node) for f in chosen)
+            for (kind, node), count in counts.items():
+                self.counter.labels(*self.labels, kind.value, node).inc(count)
+        if self.log is not None:
+            self.log.record(chosen, self.labels[1])
+        return chosen
 
 
 def envelopes(failures: list[Failure]) -> Outbound:

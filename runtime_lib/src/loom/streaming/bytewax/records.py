@@ -10,16 +10,24 @@ idle; ``flush`` asks buffering nodes to emit everything they hold.
 
 from __future__ import annotations
 
+import collections
 import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
 from opentelemetry.trace import Span
 
 from loom.streaming.bytewax.acks import Ack
-from loom.streaming.errors import BusinessError, ErrorEnvelope, ErrorKind
+from loom.streaming.errors import (
+    TRACEBACK_FRAMES,
+    TRACEBACK_MAX_CHARS,
+    BusinessError,
+    ErrorEnvelope,
+    ErrorKind,
+)
 from loom.streaming.message import Headers, Message, MessageMeta
 
 ATTEMPT_HEADER = "loom-attempt"
@@ -163,6 +171,56 @@ not a ``NamedTuple``: one is built per produced record, and writers unpack it.
 
 
 _fallback_encoder = msgspec.json.Encoder(enc_hook=repr)
+_TRACED_KINDS = frozenset((ErrorKind.TASK, ErrorKind.BUSINESS, ErrorKind.TIMEOUT))
+
+
+class AsyncTimeout(Exception):
+    """An async step ran longer than its ``timeout_ms``.
+
+    ``stack`` is where the call was waiting when it was cancelled (the
+    exception itself is raised by Loom, outside the step's code).
+    """
+
+    def __init__(self, message: str, stack: str | None = None) -> None:
+        super().__init__(message)
+        self.stack = stack
+
+
+def format_traceback(
+    tb: TracebackType | None,
+    *,
+    frames: int = TRACEBACK_FRAMES,
+    max_chars: int = TRACEBACK_MAX_CHARS,
+) -> str | None:
+    """The innermost ``frames`` frames of ``tb``, one ``file:line in function`` a line.
+
+    Only code locations: no source lines (no disk reads) and no locals. Cut
+    to ``max_chars``, dropping outer lines first (the innermost frame, where
+    the exception was raised, is the one kept).
+    """
+    if tb is None:
+        return None
+    kept: collections.deque[str] = collections.deque(maxlen=frames)
+    total = 0
+    for frame, line in traceback.walk_tb(tb):
+        code = frame.f_code
+        kept.append(f"{code.co_filename}:{line} in {code.co_qualname}")
+        total += 1
+    lines = list(kept)
+    if total > len(lines):
+        lines.insert(0, f"({total - len(lines)} outer frames omitted)")
+    text = "\n".join(lines)
+    if len(text) > max_chars:
+        text = "..." + text[len(text) - max_chars + 3 :]
+    return text
+
+
+def _traceback_of(kind: ErrorKind, exc: BaseException) -> str | None:
+    if kind not in _TRACED_KINDS:
+        return None
+    if isinstance(exc, AsyncTimeout):
+        return exc.stack
+    return format_traceback(exc.__traceback__)
 
 
 def error_kind_of(exc: BaseException) -> ErrorKind:
@@ -182,8 +240,9 @@ def _failure(flow: str, node: str, kind: ErrorKind, rec: Rec, exc: BaseException
     origin = rec.origin
     if isinstance(exc, BaseException):
         exc_type, message = type(exc).__qualname__, str(exc) or _last_frame(exc)
+        stack = _traceback_of(kind, exc)
     else:
-        exc_type, message = kind.name.title() + "Error", exc
+        exc_type, message, stack = kind.name.title() + "Error", exc, None
     if origin is not None:
         headers = tuple(origin.headers() or ())
         kind_ts, stamp = origin.timestamp()
@@ -202,6 +261,7 @@ def _failure(flow: str, node: str, kind: ErrorKind, rec: Rec, exc: BaseException
             value=origin.value(),
             attempt=_attempt(headers),
             occurred_at=datetime.now(UTC),
+            traceback=stack,
         )
     else:
         envelope = ErrorEnvelope(
@@ -219,6 +279,7 @@ def _failure(flow: str, node: str, kind: ErrorKind, rec: Rec, exc: BaseException
             value=_best_effort_bytes(rec.value),
             attempt=1,
             occurred_at=datetime.now(UTC),
+            traceback=stack,
         )
     return Failure(envelope, rec.ack)
 
