@@ -5,7 +5,7 @@ per record that carries ``traceparent`` — here none do) exported through a
 batch processor, and every Prometheus metric updated and served on a port.
 ``off``: only the two run spans, no metrics inside the dataflow.
 Runs alternate on the same broker, records and partitions; medians of
-``--runs``. Target (DESIGN.md section 8): on >= 0.95 x off.
+``--runs``. Target (docs/benchmarks.md, Targets): on >= 0.95 x off.
 
     .venv/bin/python bench/observability_cost.py --records 500000 --runs 3
 """

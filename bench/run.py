@@ -53,7 +53,7 @@ from harness import (
 from loom.devtools.broker import DevBroker
 
 TARGETS = {"plain": 0.8, "bytewax": 1.5, "quix": 2.5}
-"""Loom / peer throughput ratios to reach (DESIGN.md section 8)."""
+"""Loom / peer throughput ratios to reach (docs/benchmarks.md, Targets)."""
 DEFAULT_SCALING = "1x1,1x2,1x4,2x1,2x2"
 
 
@@ -207,7 +207,7 @@ def print_report(
     _print_cpu(results)
     if loom:
         print()
-        print("targets (DESIGN.md section 8), on the records/s medians above")
+        print("targets (docs/benchmarks.md, Targets), on the records/s medians above")
         for peer, target in TARGETS.items():
             median = _median(results.get(peer, []))
             if median is None:

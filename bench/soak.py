@@ -21,7 +21,7 @@ allocated and not yet freed, Python and native) beside its RSS: the heap is
 what the process holds, the difference is what the allocator keeps.
 
 After a warm-up (the first ``--warmup-minutes``), every Loom RSS sample must
-stay within ±10% of its post-warm-up median (DESIGN.md section 8); the peers'
+stay within ±10% of its post-warm-up median (docs/benchmarks.md, Targets); the peers'
 drift and the ratio of medians Loom/peer are printed beside it.
 
     .venv/bin/python bench/soak.py --minutes 10 --rate 2000 [--heap]

@@ -10,7 +10,7 @@ interleaved run by run (run 1 of everything, then run 2, ...):
    configured by ``LOOM_*`` variables only), timed from ``exec`` until
    ``/readyz`` answers 200, which happens when every worker has built its
    source and assigned its partitions, right before its first poll. Median of
-   ``--runs``; target (DESIGN.md section 8): under 2 s, printed as PASS/MISS.
+   ``--runs``; target (docs/benchmarks.md, Targets): under 2 s, printed as PASS/MISS.
 2. **Start-up against the peers**, one measure for all of them, Loom included:
    the peers of ``bench/run.py`` (``bench/peers.py``: ``loom``, ``bytewax``,
    ``quix``, ``plain``), each run in a fresh subprocess with one input record

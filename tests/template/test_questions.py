@@ -1,4 +1,4 @@
-"""copier.yml: the question contract of DESIGN.md §6, validators, settings."""
+"""copier.yml: the question contract (docs/template.md, Questions), validators, settings."""
 
 from __future__ import annotations
 
