@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 
+from loom.config.context import KafkaSettings
+from loom.config.settings import SettingsError
 from loom.streaming import ErrorEnvelope, ExpandStep, RecordStep
 from loom.streaming.bytewax.runner import StreamingRunner
+from loom.transports.kafka import KafkaTransport
 from tests.kafka.support import BackgroundRun, Cluster, TopicTail, wait_until
 from tests.runtime.payloads import Enriched, Order, enrich, enrich_flow
 
@@ -121,3 +125,11 @@ def test_error_events_in_a_poll_do_not_stop_the_flow(cluster: Cluster) -> None:
         assert run.thread.is_alive()
         run.stop()
     output.close()
+
+
+def test_a_transport_without_a_consumer_group_refuses_to_start(cluster: Cluster) -> None:
+    settings = KafkaSettings(bootstrap_servers=cluster.bootstrap)
+    with pytest.raises(SettingsError) as refused:
+        KafkaTransport(settings)
+    [problem] = refused.value.problems
+    assert problem.startswith("LOOM_KAFKA__GROUP_ID (kafka.group_id) is required")

@@ -582,3 +582,26 @@ def test_create_bridge_returns_none_for_a_plan_without_with_async() -> None:
     runner = StreamingRunner.from_dict(enrich_flow(), RUNNER_DATA)
     assert not runner.plan.has_async
     assert _create_bridge(runner.plan, BytewaxRuntimeConfig(async_backend="trio")) is None
+
+
+def test_the_runner_api_default_is_librdkafka_auto_commit_as_documented() -> None:
+    delivery = ConfigContext.from_dict({}).kafka.delivery
+    assert (delivery.guarantee, delivery.auto_commit) == ("at-most-once", True)
+
+
+def test_the_runner_api_tracks_commits_when_auto_commit_is_switched_off() -> None:
+    config = ConfigContext.from_dict({"kafka": {"consumer": {"enable.auto.commit": False}}})
+    assert config.kafka.delivery.guarantee == "at-least-once"
+
+
+def test_an_explicit_guarantee_in_a_config_file_decides_the_commit_mode() -> None:
+    config = ConfigContext.from_dict({"kafka": {"delivery_guarantee": "at-least-once"}})
+    assert config.kafka.delivery.auto_commit is False
+
+
+def test_a_consumer_setting_that_contradicts_the_guarantee_is_rejected() -> None:
+    data = {
+        "kafka": {"delivery_guarantee": "at-least-once", "consumer": {"enable.auto.commit": True}}
+    }
+    with pytest.raises(pydantic.ValidationError, match="contradicts the delivery guarantee"):
+        ConfigContext.from_dict(data)

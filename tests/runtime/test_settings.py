@@ -116,6 +116,7 @@ def test_each_bad_variable_is_reported_once_by_name() -> None:
     assert named == sorted(
         [
             "LOOM_KAFKA__BOOTSTRAP_SERVERS is required",
+            "LOOM_KAFKA__GROUP_ID is required",
             "LOOM_RUNTIME__WORKERS_PER_PROCESS",
             "LOOM_RUNTIME__EPOCH_INTERVAL_MS",
             "LOOM_RUNTIME__ASYNC_BACKEND",
@@ -141,8 +142,66 @@ def test_a_misspelt_variable_is_an_error_not_silently_ignored() -> None:
         "LOOM_KAFKA_BOOTSTRAP_SERVERS: unknown setting"
     )
     assert problems({"LOOM_KAFKA__BOOTSTRAP_SERVER": "x"}) == [
-        "LOOM_KAFKA__BOOTSTRAP_SERVER: unknown setting"
+        "LOOM_KAFKA__BOOTSTRAP_SERVER: unknown setting "
+        "(did you mean LOOM_KAFKA__BOOTSTRAP_SERVERS?)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("misspelt", "meant"),
+    [
+        ("LOOM_KAFKA__GROUPID", "LOOM_KAFKA__GROUP_ID"),
+        ("LOOM_KAFK__GROUP_ID", "LOOM_KAFKA__GROUP_ID"),
+        ("LOOM_RUNTIME__WORKER_PER_PROCESS", "LOOM_RUNTIME__WORKERS_PER_PROCESS"),
+        ("LOOM_RUNTIME__RECOVERY__DB_DIRR", "LOOM_RUNTIME__RECOVERY__DB_DIR"),
+        ("LOOM_OBSERVABILITY__PROMETHEUS_PROT", "LOOM_OBSERVABILITY__PROMETHEUS_PORT"),
+    ],
+)
+def test_a_near_miss_names_the_variable_it_probably_meant(misspelt: str, meant: str) -> None:
+    assert problems({misspelt: "1"}) == [f"{misspelt}: unknown setting (did you mean {meant}?)"]
+
+
+def test_an_invalid_log_level_is_a_settings_problem_naming_the_variable() -> None:
+    assert problems({"LOOM_LOG_LEVEL": "LOUD"}) == [
+        "LOOM_LOG_LEVEL='LOUD': expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    ]
+
+
+def test_a_service_needs_a_consumer_group_of_its_own() -> None:
+    found = problems({"LOOM_KAFKA__BOOTSTRAP_SERVERS": "k:9092"}, require_kafka=True)
+    assert [line.split(" ")[0] for line in found] == ["LOOM_KAFKA__GROUP_ID"]
+
+
+def test_the_service_default_group_yields_to_the_variable() -> None:
+    defaults = {"kafka": {"group_id": "orders-enricher"}}
+    assert load_config(environ={}, defaults=defaults).kafka.group_id == "orders-enricher"
+    environ = {"LOOM_KAFKA__GROUP_ID": "orders-enricher-replay"}
+    assert load_config(environ=environ, defaults=defaults).kafka.group_id == (
+        "orders-enricher-replay"
+    )
+
+
+def test_settings_from_the_environment_default_to_at_least_once() -> None:
+    environ = {"LOOM_KAFKA__CONSUMER": '{"fetch.wait.max.ms": 50}'}
+    delivery = load_config(environ=environ).kafka.delivery
+    assert (delivery.guarantee, delivery.auto_commit) == ("at-least-once", False)
+
+
+def test_at_most_once_is_chosen_by_one_explicit_variable() -> None:
+    environ = {"LOOM_KAFKA__DELIVERY_GUARANTEE": "at-most-once"}
+    assert load_config(environ=environ).kafka.delivery.auto_commit is True
+
+
+def test_auto_commit_in_the_consumer_settings_cannot_weaken_the_guarantee() -> None:
+    [problem] = problems({"LOOM_KAFKA__CONSUMER": '{"enable.auto.commit": true}'})
+    assert problem.startswith("LOOM_KAFKA__CONSUMER: enable.auto.commit=true contradicts")
+    assert "LOOM_KAFKA__DELIVERY_GUARANTEE" in problem
+
+
+def test_an_unknown_delivery_guarantee_is_refused() -> None:
+    [problem] = problems({"LOOM_KAFKA__DELIVERY_GUARANTEE": "exactly-once"})
+    assert problem.startswith("LOOM_KAFKA__DELIVERY_GUARANTEE: ")
+    assert "at-least-once" in problem
 
 
 def test_a_bad_value_from_the_yaml_file_is_reported_by_file_and_key(tmp_path: Path) -> None:

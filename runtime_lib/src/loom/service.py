@@ -17,11 +17,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from loom.config.settings import SettingsError, load_config
+from loom.config.settings import LOG_LEVELS, SettingsError, load_config
 from loom.errors import StartupError
 from loom.observability import ObservabilityRuntime
 from loom.observability.logs import configure_logging
 from loom.streaming.bytewax.runner import StreamingRunner
+from loom.streaming.compiler import unused_bindings
 from loom.streaming.errors import FlowValidationError
 from loom.streaming.nodes import StreamFlow
 
@@ -37,10 +38,19 @@ def run_service(
     *,
     environ: Mapping[str, str] | None = None,
     sink_types: tuple[type, ...] = (),
+    default_group_id: str | None = None,
 ) -> int:
-    """Run ``flow`` until stopped; return the process exit code."""
+    """Run ``flow`` until stopped; return the process exit code.
+
+    ``default_group_id`` is the consumer group unless ``LOOM_KAFKA__GROUP_ID``
+    (or the config file) names another; a generated service passes its own
+    name. Without either, the service refuses to start (exit 2): there is no
+    fallback group that unrelated services could end up sharing.
+    """
     env = os.environ if environ is None else environ
-    configure_logging(level=env.get("LOOM_LOG_LEVEL", "INFO"), static={"flow": flow.name})
+    level = env.get("LOOM_LOG_LEVEL", "INFO").strip().upper()
+    # An invalid level is reported with the other settings problems below.
+    configure_logging(level=level if level in LOG_LEVELS else "INFO", static={"flow": flow.name})
     stop_requested = threading.Event()
     runner: StreamingRunner | None = None
 
@@ -54,24 +64,40 @@ def run_service(
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     try:
-        config = load_config(environ=env, require_kafka=True)
-        observability = ObservabilityRuntime.from_environment(
-            flow.name, batch_span_ratio=config.observability.batch_span_ratio
-        )
-        runner = StreamingRunner.from_context(
-            flow, config=config, observability_runtime=observability
+        config = load_config(
+            environ=env,
+            require_kafka=True,
+            defaults={"kafka": {"group_id": default_group_id}} if default_group_id else None,
         )
     except SettingsError as exc:
         _print_problems(flow.name, "invalid settings", exc.problems)
         return EXIT_SETTINGS
+    unused = unused_bindings(flow, config.topics)
+    observability = ObservabilityRuntime.from_environment(
+        flow.name, batch_span_ratio=config.observability.batch_span_ratio
+    )
+    try:
+        runner = StreamingRunner.from_context(
+            flow, config=config, observability_runtime=observability
+        )
     except FlowValidationError as exc:
-        _print_problems(flow.name, "the flow cannot run", list(exc.problems))
+        _print_problems(flow.name, "invalid settings", [*unused, *exc.problems])
+        return EXIT_SETTINGS
+    if unused:
+        _print_problems(flow.name, "invalid settings", unused)
         return EXIT_SETTINGS
     for sink_type in sink_types:
         runner.register_sink(sink_type)
     if stop_requested.is_set():
         return EXIT_OK
-    logger.info("starting", extra={"topic": config.topics.get(flow.source.topic)})
+    delivery = config.kafka.delivery  # at-most-once also gets a warning from the transport
+    logger.info(
+        "starting with %s delivery (decided by %s), consumer group %s",
+        delivery.guarantee,
+        delivery.reason,
+        config.kafka.group_id,
+        extra={"topic": config.topics.get(flow.source.topic)},
+    )
     try:
         runner.run()
     except SettingsError as exc:  # the client settings, checked by librdkafka itself
@@ -87,9 +113,17 @@ def run_service(
     return EXIT_OK
 
 
-def serve(flow: StreamFlow[Any, Any], *, sink_types: tuple[type, ...] = ()) -> NoReturn:
-    """Entry point of a service: ``serve(flow)`` runs it and exits with its code."""
-    sys.exit(run_service(flow, sink_types=sink_types))
+def serve(
+    flow: StreamFlow[Any, Any],
+    *,
+    sink_types: tuple[type, ...] = (),
+    default_group_id: str | None = None,
+) -> NoReturn:
+    """Entry point of a service: ``serve(flow)`` runs it and exits with its code.
+
+    See :func:`run_service` for ``default_group_id``.
+    """
+    sys.exit(run_service(flow, sink_types=sink_types, default_group_id=default_group_id))
 
 
 def _print_problems(name: str, headline: str, problems: list[str]) -> None:

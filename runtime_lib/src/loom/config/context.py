@@ -18,6 +18,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from loom.config.delivery import Delivery, DeliveryGuarantee, conflict, resolve
 from loom.config.interpolation import interpolate
 from loom.config.runtime import BytewaxRuntimeConfig
 
@@ -46,6 +47,9 @@ class KafkaSettings(_Section):
 
     bootstrap_servers: str | None = None
     group_id: str | None = None
+    """Consumer group holding the committed offsets; required to run on Kafka."""
+    delivery_guarantee: DeliveryGuarantee | None = None
+    """``at-least-once`` or ``at-most-once``; see :mod:`loom.config.delivery`."""
     security_protocol: str | None = None
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -55,6 +59,22 @@ class KafkaSettings(_Section):
     producer: LibrdkafkaSettings = Field(default_factory=dict)
     create_topics: bool = False
     """Create missing topics at start-up: for local development only."""
+
+    @pydantic.field_validator("consumer")
+    @classmethod
+    def _commit_mode_agrees(
+        cls, consumer: dict[str, Any], info: pydantic.ValidationInfo
+    ) -> dict[str, Any]:
+        explicit = info.data.get("delivery_guarantee")
+        problem = explicit and conflict(explicit, consumer)
+        if problem:
+            raise ValueError(problem)
+        return consumer
+
+    @property
+    def delivery(self) -> Delivery:
+        """The delivery guarantee in force and what decided it."""
+        return resolve(self.delivery_guarantee, self.consumer)
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka settings common to every client, secrets included.

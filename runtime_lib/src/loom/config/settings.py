@@ -12,24 +12,29 @@ Precedence, highest first: explicit overrides, environment, YAML, defaults.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import pydantic
 import yaml
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from loom.config.context import ConfigContext
+from loom.config.context import ConfigContext, KafkaSettings, ObservabilitySettings
+from loom.config.delivery import AT_LEAST_ONCE
 from loom.config.interpolation import MissingVariableError, interpolate
+from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
 
 PREFIX = "LOOM_"
 _SECTIONS = ("kafka", "topics", "runtime", "observability", "config_file")
 _TOP_LEVEL = ("config_file", "log_level")
 """Variables outside the config sections (the log level is read by the service)."""
 _CLUSTER_KEYS = ("process_id_from_hostname", "replicas", "cluster_service", "cluster_port")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
@@ -66,19 +71,61 @@ def variable_name(path: tuple[str, ...]) -> str:
     return PREFIX + "__".join(re.sub(r"[^A-Za-z0-9]", "_", part).upper() for part in path)
 
 
+def topic_variable(logical: str) -> str:
+    """The variable binding logical topic ``logical``: ``LOOM_TOPICS__<LOGICAL>``."""
+    return variable_name(("topics", logical))
+
+
+def known_variables() -> list[str]:
+    """Every ``LOOM_*`` variable the settings read, except ``LOOM_TOPICS__<LOGICAL>``.
+
+    Derived from the settings models, so the list cannot drift from what
+    :func:`load_config` accepts.
+    """
+    names = [PREFIX + key.upper() for key in _TOP_LEVEL]
+    names += [variable_name(("kafka", field)) for field in KafkaSettings.model_fields]
+    names += [
+        variable_name(("observability", field)) for field in ObservabilitySettings.model_fields
+    ]
+    for field in msgspec.structs.fields(BytewaxRuntimeConfig):
+        if field.name == "recovery":
+            names += [
+                variable_name(("runtime", "recovery", sub.name))
+                for sub in msgspec.structs.fields(BytewaxRecoverySettings)
+            ]
+        else:
+            names.append(variable_name(("runtime", field.name)))
+    names += [variable_name(("runtime", key)) for key in _CLUSTER_KEYS]
+    return names
+
+
+def did_you_mean(name: str, candidates: list[str]) -> str:
+    """`` (did you mean X?)`` for the closest candidate, or nothing."""
+    close = difflib.get_close_matches(name.upper(), candidates, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     config_file: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
     require_kafka: bool = False,
 ) -> ConfigContext:
     """Build the service's ``ConfigContext`` from the environment.
+
+    ``defaults`` is the lowest layer (under the YAML file), e.g. a generated
+    service's consumer group. This is the service layer: unless a layer sets
+    ``kafka.delivery_guarantee``, it is ``at-least-once`` (see
+    :mod:`loom.config.delivery`). With ``require_kafka`` (a service about to
+    run), brokers and a consumer group must be set.
 
     :raises SettingsError: listing every invalid or missing setting.
     """
     env_map = dict(os.environ if environ is None else environ)
     problems = _unknown_variables(env_map)
+    problems += _log_level_problems(env_map)
     try:
         env = _read_environment(env_map)
     except pydantic.ValidationError as exc:
@@ -92,12 +139,13 @@ def load_config(
         except (OSError, ValueError, yaml.YAMLError, MissingVariableError) as exc:
             problems.append(f"LOOM_CONFIG_FILE={file_path}: {exc}")
     env_layer = _as_config_layout(env)
-    merged = _merge(_merge(file_data, env_layer), dict(overrides or {}))
+    merged = _merge(_merge(_merge(defaults or {}, file_data), env_layer), dict(overrides or {}))
     problems += _derive_cluster(merged, env_map)
-    if require_kafka and not (merged.get("kafka") or {}).get("bootstrap_servers"):
-        problems.append(
-            "LOOM_KAFKA__BOOTSTRAP_SERVERS is required: the Kafka brokers as host:port[,host:port]"
-        )
+    kafka = merged.setdefault("kafka", {})
+    if isinstance(kafka, dict):
+        kafka.setdefault("delivery_guarantee", AT_LEAST_ONCE)
+        if require_kafka:
+            problems += _required_kafka(kafka)
     try:
         config = ConfigContext.from_dict(merged)
     except pydantic.ValidationError as exc:
@@ -106,6 +154,27 @@ def load_config(
     if problems or config is None:
         raise SettingsError(problems)
     return config
+
+
+def _required_kafka(kafka: Mapping[str, Any]) -> list[str]:
+    problems = []
+    if not kafka.get("bootstrap_servers"):
+        problems.append(
+            "LOOM_KAFKA__BOOTSTRAP_SERVERS is required: the Kafka brokers as host:port[,host:port]"
+        )
+    if not kafka.get("group_id"):
+        problems.append(
+            "LOOM_KAFKA__GROUP_ID is required: the consumer group that holds this "
+            "service's committed offsets (one per service, never shared)"
+        )
+    return problems
+
+
+def _log_level_problems(env_map: Mapping[str, str]) -> list[str]:
+    for name, value in env_map.items():
+        if name.upper() == "LOOM_LOG_LEVEL" and value.strip().upper() not in LOG_LEVELS:
+            return [f"{name}={value!r}: expected one of {', '.join(LOG_LEVELS)}"]
+    return []
 
 
 def _read_environment(env_map: Mapping[str, str]) -> dict[str, Any]:
@@ -131,10 +200,11 @@ def _unknown_variables(env_map: Mapping[str, str]) -> list[str]:
             continue
         section, sep, _ = rest.partition("__")
         if section not in _SECTIONS or not sep:
-            problems.append(
-                f"{name}: unknown setting (expected LOOM_KAFKA__*, LOOM_TOPICS__*, "
-                "LOOM_RUNTIME__*, LOOM_OBSERVABILITY__*, LOOM_CONFIG_FILE or LOOM_LOG_LEVEL)"
+            hint = did_you_mean(name, known_variables()) or (
+                " (expected LOOM_KAFKA__*, LOOM_TOPICS__*, LOOM_RUNTIME__*, "
+                "LOOM_OBSERVABILITY__*, LOOM_CONFIG_FILE or LOOM_LOG_LEVEL)"
             )
+            problems.append(f"{name}: unknown setting{hint}")
     return problems
 
 
@@ -182,9 +252,19 @@ def _describe(
     for error in exc.errors(include_input=False):
         loc = tuple(str(part) for part in error["loc"])
         for field, message in _split_runtime_messages(loc, error["msg"]):
-            path = (*loc, *field.split(".")) if field else loc
-            problems.append(f"{_origin(path, from_env, file_path)}: {message}")
+            path, text = _unknown_setting((*loc, *field.split(".")) if field else loc, message)
+            problems.append(f"{_origin(path, from_env, file_path)}: {text}")
     return problems
+
+
+def _unknown_setting(path: tuple[str, ...], message: str) -> tuple[tuple[str, ...], str]:
+    """An unknown key says so with the nearest known variable; others pass through."""
+    unknown = _UNKNOWN_FIELD.fullmatch(message)
+    if unknown:  # msgspec names an unknown nested field in its message
+        path, message = (*path, unknown.group(1)), "unknown setting"
+    if message == "unknown setting" or message.endswith(" is not a runtime setting"):
+        message = "unknown setting" + did_you_mean(variable_name(path), known_variables())
+    return path, message
 
 
 def _split_runtime_messages(loc: tuple[str, ...], message: str) -> list[tuple[str, str]]:
@@ -202,6 +282,7 @@ def _split_runtime_messages(loc: tuple[str, ...], message: str) -> list[tuple[st
     return found
 
 
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(\w+)`")
 _NESTED = re.compile(r" - at `\$\.([\w.]+)`")
 
 

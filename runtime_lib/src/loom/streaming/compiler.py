@@ -11,14 +11,18 @@ what the previous one produces.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
+import difflib
 import inspect
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from loom.config.context import ConfigContext
+from loom.config.settings import topic_variable
 from loom.streaming.codecs import build_codec
 from loom.streaming.errors import ErrorKind, FlowValidationError
 from loom.streaming.message import Message
@@ -95,6 +99,8 @@ class _Compiler:
     config: ConfigContext
     problems: list[str] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
+    declared_topics: dict[str, None] = field(default_factory=dict)
+    """Logical topics met so far, in order (a dict as an ordered set)."""
     node_count: int = 0
 
     def problem(self, message: str) -> None:
@@ -113,9 +119,10 @@ class _Compiler:
     # -- topics and sinks -------------------------------------------------
 
     def bind(self, where: str, declared: FromTopic[Any] | IntoTopic[Any]) -> TopicBinding | None:
+        self.declared_topics[declared.topic] = None
         physical = self.config.topics.get(declared.topic)
         if physical is None:
-            variable = "LOOM_TOPICS__" + re.sub(r"[^A-Z0-9]", "_", declared.topic.upper())
+            variable = topic_variable(declared.topic)
             self.problem(
                 f"{where}: logical topic {declared.topic!r} is not bound to a topic "
                 f"(set topics.{declared.topic} in the config or {variable})"
@@ -384,12 +391,53 @@ class _Compiler:
 _STEP_KINDS: dict[type, StepKind] = {RecordStep: "record", ExpandStep: "expand", BatchStep: "batch"}
 
 
-def compile_flow(flow: StreamFlow[Any, Any], config: ConfigContext) -> FlowPlan:
+def compile_flow(
+    flow: StreamFlow[Any, Any], config: ConfigContext | collections.abc.Mapping[str, Any]
+) -> FlowPlan:
     """Validate ``flow`` against ``config`` and return its executable plan.
 
+    ``config`` is a :class:`ConfigContext` or its plain-dict form, the
+    mapping a YAML config file holds (``{"topics": {"input": "orders.v1"}}``).
+
     :raises FlowValidationError: listing every problem found.
+    :raises pydantic.ValidationError: the dict is not a valid configuration.
     """
+    if not isinstance(config, ConfigContext):
+        config = ConfigContext.from_dict(config)
     return _Compiler(flow, config).compile()
+
+
+def logical_topics(flow: StreamFlow[Any, Any]) -> tuple[str, ...]:
+    """Every logical topic ``flow`` declares (source, outputs, routes, errors).
+
+    The compiler's own walk, run without bindings: the environment contract
+    (``loom env``) is derived from the same rules that check a deployment.
+    """
+    compiler = _Compiler(flow, ConfigContext())
+    with contextlib.suppress(FlowValidationError):
+        compiler.compile()
+    return tuple(compiler.declared_topics)
+
+
+def unused_bindings(flow: StreamFlow[Any, Any], topics: Mapping[str, str]) -> list[str]:
+    """Bindings in ``topics`` for logical topics ``flow`` does not declare, one line each.
+
+    :func:`compile_flow` accepts them (one config file may serve several
+    flows); a service, whose environment belongs to one flow, refuses them:
+    ``LOOM_TOPICS__INPUTT`` is a typo, not a setting to ignore.
+    """
+    declared = logical_topics(flow)
+    variables = [topic_variable(topic) for topic in declared]
+    problems = []
+    for logical in sorted(set(topics).difference(declared)):
+        variable = topic_variable(logical)
+        close = difflib.get_close_matches(variable, variables, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(
+            f"{variable} (topics.{logical}): the flow declares no logical topic "
+            f"{logical!r}{hint} (its topics: {', '.join(sorted(declared)) or 'none'})"
+        )
+    return problems
 
 
 def _is_class(tp: Any) -> bool:

@@ -8,9 +8,11 @@ of all processes: partition ``p`` belongs to global worker
 from the group's committed offsets (``auto.offset.reset`` when none).
 
 Offsets are committed by :mod:`loom.streaming.bytewax.source`, which calls
-:meth:`KafkaReader.commit` with finished offsets only, unless
-``enable.auto.commit`` is left on, in which case librdkafka commits consumed
-positions on its own schedule (the documented at-most-once default).
+:meth:`KafkaReader.commit` with finished offsets only (at-least-once), unless
+the delivery guarantee is at-most-once, in which case librdkafka commits
+consumed positions on its own schedule. Which applies is decided by
+:mod:`loom.config.delivery`; this module only carries it out, and owns
+``enable.auto.commit`` accordingly.
 """
 
 from __future__ import annotations
@@ -81,11 +83,6 @@ def _admin(settings: KafkaSettings) -> AdminClient:
 
 _message_error = Message.error
 """``Message.error`` unbound: ``map`` calls it per record without a Python frame."""
-
-
-def _auto_commit(consumer_settings: Mapping[str, Any]) -> bool:
-    value = consumer_settings.get("enable.auto.commit", True)
-    return str(value).lower() not in ("false", "0", "no")
 
 
 def _check_client_settings(*, consumer: dict[str, Any], producer: dict[str, Any]) -> None:
@@ -360,7 +357,23 @@ class KafkaTransport:
                 "no Kafka brokers configured: set LOOM_KAFKA__BOOTSTRAP_SERVERS "
                 "(or kafka.bootstrap_servers in the config file)"
             )
+        if not settings.group_id:
+            # No fallback name: a group shared by unrelated services would mix
+            # their committed offsets (and split their partitions).
+            raise SettingsError(
+                [
+                    "LOOM_KAFKA__GROUP_ID (kafka.group_id) is required: the consumer group "
+                    "that holds this flow's committed offsets, one per service"
+                ]
+            )
         self.settings = settings
+        self.delivery = settings.delivery
+        if self.delivery.auto_commit:
+            logger.warning(
+                "at-most-once delivery: librdkafka auto-commits offsets whether or not "
+                "their records were processed (%s)",
+                self.delivery.reason,
+            )
         _check_client_settings(consumer=self._consumer_config(), producer=self._producer_config())
         self._windows: dict[int, DeliveryWindow] = {}
         """Per worker: its producer and the records awaiting confirmation."""
@@ -430,8 +443,9 @@ class KafkaTransport:
         settings = self.settings
         return {
             **CONSUMER_DEFAULTS,
-            "group.id": settings.group_id or "loom",
-            **settings.consumer,
+            **settings.consumer,  # adds to Loom's defaults; cannot change the commit mode
+            "group.id": settings.group_id,
+            "enable.auto.commit": self.delivery.auto_commit,
             **settings.client_config(),
         }
 
@@ -457,7 +471,7 @@ class KafkaTransport:
             Consumer(config),
             binding.physical,
             partitions,
-            manual_commits=not _auto_commit(config),
+            manual_commits=not self.delivery.auto_commit,
         )
 
     def writer(
