@@ -8,6 +8,7 @@ fixed time for results: simulated I/O may sleep, observers poll with deadlines.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import threading
@@ -419,6 +420,22 @@ def test_a_timed_out_call_is_cancelled_not_left_running(backend: Backend) -> Non
     assert sorted(cancelled) == ["o0", "o1", "o2"]
     assert [e.kind for e in result.dead_letters("dlq")] == [ErrorKind.TIMEOUT] * 3
     assert_fully_committed(tester, result)
+
+
+async def hang(order: Order) -> Order:
+    await anyio.sleep_forever()
+    return order
+
+
+def test_a_timeout_envelope_ends_at_the_await_the_call_was_stuck_in(backend: Backend) -> None:
+    _, result = run(backend, WithAsync(hang, max_concurrency=2, timeout_ms=20), inputs=orders(1))
+    [envelope] = result.dead_letters("dlq")
+    assert envelope.traceback is not None
+    *frames, trimmed = envelope.traceback.splitlines()
+    lines, first = inspect.getsourcelines(hang)
+    stuck_at = first + next(i for i, line in enumerate(lines) if "sleep_forever" in line)
+    assert frames[-1] == f"{__file__}:{stuck_at} in hang"
+    assert trimmed.endswith("event loop frames omitted)")
 
 
 # -- wrapped steps and batches ----------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 from datetime import UTC, datetime
 
@@ -24,6 +25,8 @@ from loom.streaming import (
     StreamFlow,
     WithAsync,
 )
+from loom.streaming.bytewax.records import format_traceback
+from loom.streaming.errors import TRACEBACK_FRAMES, TRACEBACK_MAX_CHARS
 from loom.streaming.testing import MemoryBroker, TestRunner
 from tests.runtime.payloads import Enriched, Order, enrich, enrich_flow
 
@@ -181,3 +184,94 @@ def test_each_kind_can_be_routed_to_its_own_topic(kind: ErrorKind) -> None:
     expected = "dlq" if kind is ErrorKind.WIRE else "other"
     assert len(result.records(expected)) == 1
     assert msgspec.json.decode(result.records(expected)[0].value_bytes or b"")["kind"] == "wire"
+
+
+# -- tracebacks ---------------------------------------------------------------
+
+
+def line_of(function: object, text: str) -> str:
+    """``file:line`` of the line of ``function`` containing ``text``."""
+    lines, first = inspect.getsourcelines(function)  # type: ignore[arg-type]
+    [offset] = [i for i, line in enumerate(lines) if text in line]
+    return f"{inspect.getsourcefile(function)}:{first + offset}"  # type: ignore[arg-type]
+
+
+def test_a_task_error_envelope_carries_a_traceback_ending_at_the_raising_line() -> None:
+    envelope = single_failure(enrich_flow(RecordStep(reject_negative)), Order("boom", 1))
+    assert envelope.traceback is not None
+    innermost = envelope.traceback.splitlines()[-1]
+    assert innermost == f"{line_of(reject_negative, 'step crashed')} in reject_negative"
+
+
+def test_a_business_error_envelope_carries_a_traceback_too() -> None:
+    envelope = single_failure(enrich_flow(RecordStep(reject_negative)), Order("n", -5))
+    assert envelope.traceback is not None
+    innermost = envelope.traceback.splitlines()[-1]
+    assert innermost == f"{line_of(reject_negative, 'are refused')} in reject_negative"
+
+
+async def stuck(order: Order) -> Order:
+    await asyncio.sleep(10)
+    return order
+
+
+def test_a_timeout_envelope_names_where_the_call_was_waiting() -> None:
+    flow = enrich_flow(WithAsync(stuck, max_concurrency=2, timeout_ms=20), RecordStep(enrich))
+    envelope = single_failure(flow, Order("slow", 1))
+    assert envelope.kind is ErrorKind.TIMEOUT
+    assert envelope.traceback is not None
+    assert f"{line_of(stuck, 'asyncio.sleep')} in stuck" in envelope.traceback.splitlines()
+
+
+def test_a_wire_envelope_has_no_traceback() -> None:
+    envelope = single_failure(enrich_flow(), b"not json")
+    assert envelope.kind is ErrorKind.WIRE
+    assert envelope.traceback is None
+
+
+def test_the_traceback_keeps_the_innermost_frames_only() -> None:
+    def descend(depth: int) -> Order:
+        if depth == 0:
+            raise RuntimeError("bottom")
+        return descend(depth - 1)
+
+    def deep(order: Order) -> Order:
+        return descend(50)
+
+    envelope = single_failure(enrich_flow(RecordStep(deep)), Order("deep", 1))
+    assert envelope.traceback is not None
+    lines = envelope.traceback.splitlines()
+    assert len(lines) == TRACEBACK_FRAMES + 1
+    assert lines[0].endswith("outer frames omitted)")
+    assert all(
+        line.endswith("in test_the_traceback_keeps_the_innermost_frames_only.<locals>.descend")
+        for line in lines[1:]
+    )
+    assert len(envelope.traceback) <= TRACEBACK_MAX_CHARS
+
+
+def test_a_long_traceback_is_cut_to_its_bound_keeping_the_innermost_line() -> None:
+    def fail() -> None:
+        raise RuntimeError("x")
+
+    try:
+        fail()
+    except RuntimeError as exc:
+        full = format_traceback(exc.__traceback__)
+        assert full is not None
+        innermost = full.splitlines()[-1]
+        bound = len(innermost) + 10
+        cut = format_traceback(exc.__traceback__, max_chars=bound)
+    assert len(full) > bound
+    assert cut is not None
+    assert len(cut) == bound
+    assert cut.startswith("...")
+    assert cut.endswith("\n" + innermost)
+
+
+def test_the_traceback_is_in_the_dead_letter_json() -> None:
+    tester = TestRunner(enrich_flow(RecordStep(reject_negative)))
+    tester.send(Order("boom", 1))
+    [record] = tester.run().records("dlq")
+    body = json.loads(record.value_bytes or b"")
+    assert body["traceback"].splitlines()[-1].endswith(" in reject_negative")

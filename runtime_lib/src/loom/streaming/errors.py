@@ -49,8 +49,9 @@ class ErrorEnvelope(msgspec.Struct, frozen=True, kw_only=True):
 
     ``traceback`` is where a ``TASK``, ``BUSINESS`` or ``TIMEOUT`` error
     happened: the innermost :data:`TRACEBACK_FRAMES` frames, one
-    ``file:line in function`` per line (innermost last; where a timed-out
-    call was waiting when it was cancelled), at most
+    ``file:line in function`` per line (innermost last; for a timeout,
+    where the call was waiting when it was cancelled, without the event
+    loop library's own innermost frames), at most
     :data:`TRACEBACK_MAX_CHARS` characters. It holds no source text and no
     local values. Other kinds have none: ``WIRE`` errors come from the
     decoder (no frame of the flow's code; ``message`` names what was

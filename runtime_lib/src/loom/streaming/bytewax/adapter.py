@@ -66,6 +66,10 @@ def _nothing(chunk: Chunk) -> str | None:
     return None
 
 
+def _ignore(step_id: str, item: Any) -> None:
+    pass
+
+
 def _keep_state(state: None, value: Any) -> tuple[None, None]:
     return None, None
 
@@ -112,6 +116,7 @@ class DataflowBuilder:
         self.observability = observability
         self.recovery = recovery
         self._failure_streams: list[Stream[list[Failure]]] = []
+        self._has_output = False
         self.metrics = observability.metrics if observability is not None else None
         self.dead_letter_log = (
             observability.dead_letter_log if observability is not None else DeadLetterLog()
@@ -127,9 +132,17 @@ class DataflowBuilder:
         self._branch(self.plan.root, chunks)
         failures = op.merge("failures", *self._failure_streams)
         self._errors(failures)
+        if not self._has_output:
+            # Every terminal is a Drain(): Bytewax refuses a dataflow without an
+            # output or inspect step, so inspect the (usually empty) failures.
+            op.inspect("drained", failures, _ignore)
         if self.recovery:
             _recovery_anchor(chunks)
         return flow
+
+    def _output(self, step_id: str, stream: Stream[Any], sink: DynamicSink[Any]) -> None:
+        self._has_output = True
+        op.output(step_id, stream, sink)
 
     # -- records ----------------------------------------------------------
 
@@ -192,10 +205,10 @@ class DataflowBuilder:
         if isinstance(terminal, TopicSinkPlan):
             encode = EncodeOp(self.plan.name, node, terminal.binding)
             outbound = op.map(f"{node}__encode", stream, encode)
-            op.output(node, outbound, self._topic_sink(terminal.binding, node))
+            self._output(node, outbound, self._topic_sink(terminal.binding, node))
         elif isinstance(terminal, NamedSinkPlan):
             outbound = op.map(f"{node}__messages", stream, to_messages)
-            op.output(node, outbound, AckingSink(self.named_sinks[terminal.name]))
+            self._output(node, outbound, AckingSink(self.named_sinks[terminal.name]))
         else:
             dropped = None
             if self.metrics is not None:
@@ -217,7 +230,7 @@ class DataflowBuilder:
             label = type(sink).__name__
             chosen = op.filter_map(f"errors__{kind.value}", failures, self._select([kind], label))
             outbound = op.map(f"errors__{kind.value}__envelopes", chosen, envelopes)
-            op.output(f"errors__{kind.value}__sink", outbound, AckingSink(sink))
+            self._output(f"errors__{kind.value}__sink", outbound, AckingSink(sink))
 
     def _select(self, kinds: list[ErrorKind], target: TerminalPlan | str) -> SelectErrors:
         """Choose, count and log the failures of ``kinds`` for ``target``."""
@@ -236,9 +249,9 @@ class DataflowBuilder:
         node = f"errors__{terminal.node_id}"
         if isinstance(terminal, TopicSinkPlan):
             records = op.map(f"{node}__encode", failures, DeadLetterEncoder(terminal.binding.codec))
-            op.output(f"{node}__sink", records, self._topic_sink(terminal.binding, node))
+            self._output(f"{node}__sink", records, self._topic_sink(terminal.binding, node))
         elif isinstance(terminal, NamedSinkPlan):
             outbound = op.map(f"{node}__envelopes", failures, envelopes)
-            op.output(f"{node}__sink", outbound, AckingSink(self.named_sinks[terminal.name]))
+            self._output(f"{node}__sink", outbound, AckingSink(self.named_sinks[terminal.name]))
         elif isinstance(terminal, DrainPlan):
             op.map(f"{node}__drain", failures, drain_errors)

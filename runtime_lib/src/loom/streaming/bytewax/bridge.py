@@ -214,7 +214,7 @@ class AsyncOp:
                 return await self.plan.fn(argument)
             except anyio.get_cancelled_exc_class() as cancelled:
                 if scope.cancel_called:  # where the call was waiting when it timed out
-                    stack = format_traceback(cancelled.__traceback__)
+                    stack = format_traceback(cancelled.__traceback__, trim_event_loop=True)
                 raise
         raise AsyncTimeout(f"{self.node} did not finish within {self.plan.timeout_ms} ms", stack)
 

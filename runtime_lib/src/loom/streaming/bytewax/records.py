@@ -10,7 +10,6 @@ idle; ``flush`` asks buffering nodes to emit everything they hold.
 
 from __future__ import annotations
 
-import collections
 import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -186,29 +185,46 @@ class AsyncTimeout(Exception):
         self.stack = stack
 
 
+_EVENT_LOOP_PACKAGES = ("asyncio", "anyio", "trio", "outcome", "uvloop", "sniffio")
+
+
+def _in_event_loop(filename: str) -> bool:
+    parts = filename.replace("\\", "/").split("/")
+    return any(package in parts for package in _EVENT_LOOP_PACKAGES)
+
+
 def format_traceback(
     tb: TracebackType | None,
     *,
     frames: int = TRACEBACK_FRAMES,
     max_chars: int = TRACEBACK_MAX_CHARS,
+    trim_event_loop: bool = False,
 ) -> str | None:
     """The innermost ``frames`` frames of ``tb``, one ``file:line in function`` a line.
 
     Only code locations: no source lines (no disk reads) and no locals. Cut
     to ``max_chars``, dropping outer lines first (the innermost frame, where
-    the exception was raised, is the one kept).
+    the exception was raised, is the one kept). ``trim_event_loop`` first
+    drops the innermost frames of the event loop libraries (asyncio, anyio,
+    trio, ...): a cancelled call's traceback ends in their machinery, and the
+    frames of interest are the step's own.
     """
     if tb is None:
         return None
-    kept: collections.deque[str] = collections.deque(maxlen=frames)
-    total = 0
-    for frame, line in traceback.walk_tb(tb):
-        code = frame.f_code
-        kept.append(f"{code.co_filename}:{line} in {code.co_qualname}")
-        total += 1
-    lines = list(kept)
-    if total > len(lines):
-        lines.insert(0, f"({total - len(lines)} outer frames omitted)")
+    stack = [
+        (frame.f_code.co_filename, line, frame.f_code.co_qualname)
+        for frame, line in traceback.walk_tb(tb)
+    ]
+    trimmed = 0
+    if trim_event_loop:
+        while len(stack) > 1 and _in_event_loop(stack[-1][0]):
+            stack.pop()
+            trimmed += 1
+    lines = [f"{filename}:{line} in {name}" for filename, line, name in stack[-frames:]]
+    if len(stack) > frames:
+        lines.insert(0, f"({len(stack) - frames} outer frames omitted)")
+    if trimmed:
+        lines.append(f"({trimmed} event loop frames omitted)")
     text = "\n".join(lines)
     if len(text) > max_chars:
         text = "..." + text[len(text) - max_chars + 3 :]
