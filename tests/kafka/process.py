@@ -29,7 +29,7 @@ def service_env(
             "PYTHONPATH": str(ROOT),
             "LOOM_KAFKA__BOOTSTRAP_SERVERS": cluster.bootstrap,
             "LOOM_KAFKA__GROUP_ID": group,
-            "LOOM_KAFKA__CONSUMER": '{"enable.auto.commit": false, "auto.commit.interval.ms": 200}',
+            "LOOM_KAFKA__CONSUMER": '{"auto.commit.interval.ms": 200}',
             "LOOM_LOG_LEVEL": "WARNING",
             "LOOM_OBSERVABILITY__PROMETHEUS_PORT": str(free_port()),
             **{f"LOOM_TOPICS__{name.upper()}": topic for name, topic in topics.items()},

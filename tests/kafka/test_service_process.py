@@ -213,3 +213,64 @@ def test_missing_topics_are_created_when_local_creation_is_enabled(cluster: Clus
         cluster.produce(topics["input"], orders_bytes(0, 5))
         assert len(output_ids(cluster, topics["output"], 5)) == 5
         assert service.terminate() == 0
+
+
+def test_sigterm_while_waiting_for_an_unreachable_broker_stops_at_once(cluster: Cluster) -> None:
+    env = service_env(cluster, fresh_topics(cluster, 1), "g", LOOM_LOG_LEVEL="INFO")
+    env["LOOM_KAFKA__BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"  # nobody listens
+    with ServiceProcess(env) as service:
+        wait_until(lambda: "starting with" in service.output()[1], 30, "the start-up log line")
+        service.process.send_signal(signal.SIGTERM)
+        # The broker wait lasts 10 s; a stop must not wait it out.
+        assert service.wait(timeout_s=2) == 0
+        _, stderr = service.output()
+    assert "Traceback" not in stderr
+    assert "cannot reach Kafka" not in stderr
+
+
+def test_a_lost_cluster_peer_stops_the_other_with_exit_3_and_a_restart_loses_nothing(
+    cluster: Cluster,
+) -> None:
+    topics = fresh_topics(cluster, 4)
+    group = f"peer-{uuid.uuid4().hex[:6]}"
+    addresses = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+
+    def envs() -> list[dict[str, str]]:
+        return [
+            service_env(
+                cluster,
+                topics,
+                group,
+                LOOM_RUNTIME__PROCESS_ID=process_id,
+                LOOM_RUNTIME__ADDRESSES=addresses,
+                SERVICE_APP_SLOW_US=200,
+            )
+            for process_id in (0, 1)
+        ]
+
+    cluster.produce(topics["input"], orders_bytes(0, 2000))
+    first_env, second_env = envs()
+    with ServiceProcess(first_env) as first, ServiceProcess(second_env) as second:
+        first.wait_ready(60)
+        second.wait_ready(60)
+        second.kill()
+        assert first.wait(timeout_s=30) == 3
+        _, stderr = first.output()
+    peer = addresses.split(",")[1]
+    assert f"lost the Bytewax cluster peer process 1 at {peer}" in stderr
+    assert "Traceback" not in stderr
+    assert "PanicException" not in stderr
+
+    cluster.produce(topics["input"], orders_bytes(2000, 1000))
+    ends = cluster.end_offsets(topics["input"], 3000)
+    first_env, second_env = envs()
+    with ServiceProcess(first_env) as first, ServiceProcess(second_env) as second:
+        wait_until(
+            lambda: cluster.committed(group, topics["input"]) == ends,
+            90,
+            "the restarted cluster to commit every partition to the end",
+        )
+        for process in (first, second):  # a cluster stops together
+            process.process.send_signal(signal.SIGTERM)
+        assert (first.wait(), second.wait()) == (0, 0)
+    assert set(output_ids(cluster, topics["output"], 3000)) == {f"o{i}" for i in range(3000)}

@@ -91,10 +91,7 @@ def read_environment(path: str | Path) -> Environment:
     ``env`` list) and ``LOOM_*=value`` strings (a compose ``environment`` list).
     """
     path = Path(path)
-    if path.is_dir():
-        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
-    else:
-        files = [path]
+    files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
     bound: set[str] = set()
     documented: set[str] = set()
     for file in files:
@@ -142,9 +139,7 @@ def check(flow: StreamFlow[Any, Any], environment: Environment) -> list[str]:
         if variable.required and variable.name not in environment.bound
     ]
     for name in sorted(environment.documented.difference(known)):
-        problems.append(
-            f"{environment.path}: {name} configures nothing{did_you_mean(name, known)}"
-        )
+        problems.append(f"{environment.path}: {name} configures nothing{did_you_mean(name, known)}")
     return problems
 
 
@@ -191,8 +186,7 @@ def add_command(commands: Any) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="a dotenv file, a YAML file, or a folder of YAML files (one environment); "
-        "repeatable",
+        help="a dotenv file, a YAML file, or a folder of YAML files (one environment); repeatable",
     )
     handler: Callable[[argparse.Namespace], int] = _command
     parser.set_defaults(handler=handler)

@@ -3,8 +3,10 @@
 A generated service's ``__main__`` is one line, ``serve(flow)``. This module
 owns the process: JSON logs, settings from ``LOOM_*`` (exit code 2 with one
 line per bad variable, before any connection), tracing from ``OTEL_*``,
-graceful SIGTERM/SIGINT (drain, commit, exit 0), and clear one-line errors for
-start-up problems such as an unreachable broker or a missing topic (exit 1).
+graceful SIGTERM/SIGINT (drain, commit, exit 0; during the start-up wait for
+the broker too), clear one-line errors for start-up problems such as an
+unreachable broker or a missing topic (exit 1), and for a lost peer of a
+Bytewax cluster (exit 3: restart every process).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from loom.config.settings import LOG_LEVELS, SettingsError, load_config
-from loom.errors import StartupError
+from loom.errors import ClusterPeerLostError, StartupError
 from loom.observability import ObservabilityRuntime
 from loom.observability.logs import configure_logging
 from loom.streaming.bytewax.runner import StreamingRunner
@@ -29,6 +31,7 @@ from loom.streaming.nodes import StreamFlow
 EXIT_OK = 0
 EXIT_STARTUP = 1
 EXIT_SETTINGS = 2
+EXIT_PEER_LOST = 3
 
 logger = logging.getLogger("loom.service")
 
@@ -107,6 +110,10 @@ def run_service(
         logger.error("cannot start: %s", exc)
         print(f"{flow.name}: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    except ClusterPeerLostError as exc:
+        logger.error("%s", exc)
+        print(f"{flow.name}: {exc}", file=sys.stderr)
+        return EXIT_PEER_LOST
     finally:
         observability.shutdown()
     logger.info("stopped")

@@ -225,7 +225,7 @@ class MemoryTransport:
         self.hold_open = hold_open
         self.readers: list[MemoryReader] = []
 
-    def preflight(self, plan: FlowPlan) -> None:
+    def preflight(self, plan: FlowPlan, stopping: threading.Event) -> None:
         return None
 
     def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> MemoryReader:

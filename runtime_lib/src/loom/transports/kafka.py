@@ -18,6 +18,7 @@ consumed positions on its own schedule. Which applies is decided by
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, cast
@@ -32,6 +33,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._metadata import ClusterMetadata
 from confluent_kafka.cimpl import NewTopic
 
 from loom.config.context import KafkaSettings
@@ -69,6 +71,8 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "logger": client_logger,
 }
 BACKPRESSURE_POLL_S = 0.05
+METADATA_ROUND_S = 0.25
+"""Longest single metadata request while waiting for the broker at start-up."""
 CLOSE_FLUSH_TIMEOUT_S = 30.0
 
 
@@ -381,21 +385,20 @@ class KafkaTransport:
 
     # -- start-up ---------------------------------------------------------
 
-    def preflight(self, plan: FlowPlan, *, timeout_s: float = 10.0) -> None:
+    def preflight(
+        self, plan: FlowPlan, stopping: threading.Event, *, timeout_s: float = 10.0
+    ) -> None:
         """Check the cluster can serve ``plan`` before any worker starts.
 
         Fails with one clear :class:`KafkaStartupError` for an unreachable
         cluster or missing topics (creating them instead when
-        ``create_topics`` is on, for local development).
+        ``create_topics`` is on, for local development). Returns early once
+        ``stopping`` is set.
         """
         admin = _admin(self.settings)
-        try:
-            metadata = admin.list_topics(timeout=timeout_s)
-        except KafkaException as exc:
-            raise KafkaStartupError(
-                f"cannot reach Kafka at {self.settings.bootstrap_servers} within "
-                f"{timeout_s:g} s ({exc.args[0].str() if exc.args else exc})"
-            ) from None
+        metadata = self._metadata(admin, stopping, timeout_s)
+        if metadata is None:
+            return
         needed = [plan.source.binding.physical] + [
             t.binding.physical for t in plan.sink_terminals() if isinstance(t, TopicSinkPlan)
         ]
@@ -414,6 +417,28 @@ class KafkaTransport:
         source = plan.source.binding.physical
         if self._partitions[source] == 0:
             raise KafkaStartupError(f"topic {source} has no partitions to read")
+
+    def _metadata(
+        self, admin: AdminClient, stopping: threading.Event, timeout_s: float
+    ) -> ClusterMetadata | None:
+        """The cluster's metadata, asked in short rounds so a stop is seen promptly.
+
+        ``None`` when ``stopping`` was set first. A blocking call of the full
+        time-out would hold off a SIGTERM until it returns (the handler runs
+        between Python bytecodes, not inside librdkafka).
+        """
+        deadline = time.monotonic() + timeout_s
+        while not stopping.is_set():
+            remaining = deadline - time.monotonic()
+            try:
+                return admin.list_topics(timeout=max(0.01, min(METADATA_ROUND_S, remaining)))
+            except KafkaException as exc:
+                if time.monotonic() >= deadline:
+                    raise KafkaStartupError(
+                        f"cannot reach Kafka at {self.settings.bootstrap_servers} within "
+                        f"{timeout_s:g} s ({exc.args[0].str() if exc.args else exc})"
+                    ) from None
+        return None
 
     def _create(self, admin: AdminClient, topics: list[str], timeout_s: float) -> None:
         logger.warning("creating missing topics for local development: %s", ", ".join(topics))

@@ -19,7 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from loom.config.context import ConfigContext
 from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
-from loom.errors import StartupError
+from loom.errors import ClusterPeerLostError, StartupError
 from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.server import ProbeServer
 from loom.streaming.bytewax.adapter import DataflowBuilder
@@ -101,6 +101,26 @@ def _ensure_recovery_partitions(runtime: BytewaxRuntimeConfig) -> None:
     db_dir.mkdir(parents=True, exist_ok=True)
     processes = len(runtime.addresses) if runtime.addresses else 1
     init_db_dir(db_dir, runtime.workers_per_process * processes)  # type: ignore[no-untyped-call]
+
+
+def _peers(runtime: BytewaxRuntimeConfig) -> list[tuple[int, str]]:
+    """The other processes of this process's cluster: ``(process id, address)``."""
+    addresses = runtime.addresses or ()
+    return [(i, address) for i, address in enumerate(addresses) if i != runtime.process_id]
+
+
+def _peer_lost_message(runtime: BytewaxRuntimeConfig) -> str:
+    """One line naming the peer (or the peers it can be among) that was lost.
+
+    A surviving process only sees its connections drop; with more than two
+    processes it cannot tell which peer went first, so it names them all.
+    """
+    peers = ", ".join(f"process {i} at {address}" for i, address in _peers(runtime))
+    which = peers if len(_peers(runtime)) == 1 else f"one of {peers}"
+    return (
+        f"lost the Bytewax cluster peer {which} (stopped or unreachable); process "
+        f"{runtime.process_id} stops too: restart every process of the cluster"
+    )
 
 
 def _create_bridge(plan: FlowPlan, runtime: BytewaxRuntimeConfig) -> AsyncBridge | None:
@@ -373,7 +393,9 @@ class StreamingRunner:
                 prepared = self.prepare_run(error_sinks=error_sinks)
                 assert self._run_state is not None
                 assert self._transport is not None
-                self._transport.preflight(self.plan)
+                self._transport.preflight(self.plan, self._stop)
+                if self._stop.is_set():  # stopped while waiting for the broker
+                    return
                 cycle.set_attribute("loom.node_count", self.plan.node_count)
                 with self._probe_server(self._run_state):
                     self._execute(prepared, self._runtime(), self._run_state)
@@ -406,6 +428,13 @@ class StreamingRunner:
                 if not run.stopped_gracefully:
                     raise
                 # A drained recovery run ends by aborting (see RunState).
+            except BaseException as exc:
+                # Bytewax's communication threads panic when a peer's
+                # connection drops; the panic reaches Python as pyo3's
+                # PanicException, a BaseException.
+                if type(exc).__name__ != "PanicException" or not _peers(runtime):
+                    raise
+                raise ClusterPeerLostError(_peer_lost_message(runtime)) from None
             span.set_status(Status(StatusCode.OK))
 
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ topic. ``loom.transports.kafka`` implements these on confluent-kafka;
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -73,8 +74,12 @@ class TransportWriter(Protocol):
 class Transport(Protocol):
     """Builds per-worker readers and writers."""
 
-    def preflight(self, plan: FlowPlan) -> None:
-        """Fail fast, before workers start, if the transport cannot serve ``plan``."""
+    def preflight(self, plan: FlowPlan, stopping: threading.Event) -> None:
+        """Fail fast, before workers start, if the transport cannot serve ``plan``.
+
+        Returns early, without an error, once ``stopping`` is set (a SIGTERM
+        while waiting for the broker must not wait out the time-out).
+        """
         ...
 
     def reader(
