@@ -274,3 +274,32 @@ def test_a_lost_cluster_peer_stops_the_other_with_exit_3_and_a_restart_loses_not
             process.process.send_signal(signal.SIGTERM)
         assert (first.wait(), second.wait()) == (0, 0)
     assert set(output_ids(cluster, topics["output"], 3000)) == {f"o{i}" for i in range(3000)}
+
+
+def test_a_misspelt_variable_and_a_bad_log_level_exit_with_code_2(cluster: Cluster) -> None:
+    env = service_env(cluster, fresh_topics(cluster, 1), "g", LOOM_LOG_LEVEL="LOUD")
+    env["LOOM_KAFKA__GROUPID"] = "g2"
+    with ServiceProcess(env) as service:
+        assert service.wait() == 2
+        _, stderr = service.output()
+    problems = [line.strip() for line in stderr.splitlines()[1:]]
+    assert sorted(problems) == [
+        "LOOM_KAFKA__GROUPID: unknown setting (did you mean LOOM_KAFKA__GROUP_ID?)",
+        "LOOM_LOG_LEVEL='LOUD': expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+    ]
+    assert "Traceback" not in stderr
+
+
+def test_a_binding_for_a_topic_the_flow_does_not_declare_exits_with_code_2(
+    cluster: Cluster,
+) -> None:
+    env = service_env(cluster, fresh_topics(cluster, 1), "g")
+    env["LOOM_TOPICS__INPUTT"] = env["LOOM_TOPICS__INPUT"]
+    with ServiceProcess(env) as service:
+        assert service.wait() == 2
+        _, stderr = service.output()
+    [problem] = [line.strip() for line in stderr.splitlines()[1:]]
+    assert problem.startswith(
+        "LOOM_TOPICS__INPUTT (topics.inputt): the flow declares no logical topic 'inputt'; "
+        "did you mean LOOM_TOPICS__INPUT?"
+    )
