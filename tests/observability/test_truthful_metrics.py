@@ -11,10 +11,11 @@ import threading
 from typing import Any
 
 import anyio
+import pytest
 from prometheus_client import CollectorRegistry
 
 from loom.observability import ObservabilityRuntime
-from loom.observability.metrics import new_registry
+from loom.observability.metrics import BatchedObserver, FlowMetrics, new_registry, observe_many
 from loom.streaming import (
     BatchStep,
     BusinessError,
@@ -253,3 +254,38 @@ def test_dead_letters_are_counted_per_kind_and_failing_node() -> None:
     assert dead("task", "approve") == len(crashed) - len(crashed_in_check)
     assert dead("business", "approve") == len(refused)
     assert dead("business", "check") == 0
+
+
+# -- bulk observation helpers -----------------------------------------------------
+
+
+def histogram_samples(registry: CollectorRegistry, node: str) -> dict[str, float]:
+    return {
+        sample.name + str(sorted(sample.labels.items())): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.labels.get("node") == node and not sample.name.endswith("_created")
+    }
+
+
+def test_bulk_observations_equal_prometheus_own_observations() -> None:
+    registry = new_registry(process_metrics=False)
+    metrics = FlowMetrics(registry)
+    own = metrics.step_seconds.labels(FLOW, "own")
+    amounts = [0.000003, 0.00005, 0.0007, 0.004, 0.004, 0.02, 0.3, 7.0] * 30
+    for amount in amounts:
+        own.observe(amount)
+    batched = BatchedObserver(metrics.step_seconds.labels(FLOW, "batched"), flush_every=7)
+    for amount in amounts:
+        batched.observe(amount)
+    batched.flush()
+    many = metrics.step_seconds.labels(FLOW, "many")
+    for amount in dict.fromkeys(amounts):
+        observe_many(many, amount, amounts.count(amount))
+
+    expected = {k.replace("own", "X"): v for k, v in histogram_samples(registry, "own").items()}
+    for node in ("batched", "many"):
+        got = {k.replace(node, "X"): v for k, v in histogram_samples(registry, node).items()}
+        assert got.keys() == expected.keys()
+        for key, amount in expected.items():
+            assert got[key] == pytest.approx(amount)

@@ -28,6 +28,7 @@ Families (every one also carries ``flow``):
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -122,25 +123,77 @@ class FlowMetrics:
         )
 
 
-def observe_many(histogram: Any, amount: float, count: int) -> None:
-    """Observe ``amount`` ``count`` times in one update (a labelled ``Histogram`` child).
+def _parts(histogram: Any) -> tuple[list[Any], list[float], Any] | None:
+    """A labelled ``Histogram`` child's buckets, bounds and sum, or None.
 
-    ``prometheus_client`` has no weighted observation; ``count`` calls of
-    ``observe`` would take ``2 * count`` locks per chunk. This adds to the
-    sum and to the one bucket ``amount`` falls in, as ``observe`` does;
-    without those internals it falls back to one observation.
+    ``prometheus_client`` has no bulk observation, and ``observe`` takes two
+    locks (~1.4 µs); adding to these directly is what ``observe`` does.
     """
     buckets = getattr(histogram, "_buckets", None)
     bounds = getattr(histogram, "_upper_bounds", None)
     total = getattr(histogram, "_sum", None)
     if buckets is None or bounds is None or total is None:
+        return None
+    return buckets, bounds, total
+
+
+def observe_many(histogram: Any, amount: float, count: int) -> None:
+    """Observe ``amount`` ``count`` times in one update (a labelled ``Histogram`` child).
+
+    Without the internals :func:`_parts` relies on, it falls back to one
+    observation.
+    """
+    parts = _parts(histogram)
+    if parts is None:
         histogram.observe(amount)
         return
+    buckets, bounds, total = parts
     total.inc(amount * count)
-    for index, bound in enumerate(bounds):
-        if amount <= bound:
-            buckets[index].inc(count)
-            break
+    buckets[bisect_left(bounds, amount)].inc(count)
+
+
+class BatchedObserver:
+    """Observations of one thread, gathered without locks and added in bulk.
+
+    ``observe`` costs a list increment and an addition; every
+    ``flush_every`` observations (and on :meth:`flush`) they are added to the
+    histogram child. Only one thread may call ``observe`` and ``flush`` (the
+    async bridge's event loop thread).
+    """
+
+    __slots__ = ("_bounds", "_counts", "_histogram", "_parts", "_pending", "_sum", "flush_every")
+
+    def __init__(self, histogram: Any, flush_every: int = 100) -> None:
+        self._histogram = histogram
+        self._parts = _parts(histogram)
+        self._bounds: list[float] = self._parts[1] if self._parts is not None else []
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._pending = 0
+        self.flush_every = flush_every
+
+    def observe(self, amount: float) -> None:
+        if self._parts is None:
+            self._histogram.observe(amount)
+            return
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+        self._pending += 1
+        if self._pending >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending or self._parts is None:
+            return
+        buckets, _, total = self._parts
+        total.inc(self._sum)
+        counts = self._counts
+        for index, count in enumerate(counts):
+            if count:
+                buckets[index].inc(count)
+                counts[index] = 0
+        self._sum = 0.0
+        self._pending = 0
 
 
 def new_registry(*, process_metrics: bool = True) -> CollectorRegistry:

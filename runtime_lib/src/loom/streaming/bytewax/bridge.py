@@ -29,7 +29,7 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from loom.config.runtime import AsyncBackend
-from loom.observability.metrics import DropReason, FlowMetrics
+from loom.observability.metrics import BatchedObserver, DropReason, FlowMetrics
 from loom.streaming.bytewax.operators import fan_out, materialise, step_argument
 from loom.streaming.bytewax.records import (
     AsyncTimeout,
@@ -161,11 +161,12 @@ class AsyncOp:
         self.timeout_s = None if plan.timeout_ms is None else plan.timeout_ms / 1000
         self.backlog_limit = max(1000, 4 * plan.max_concurrency)
         self._lanes: dict[int, _Lane] = {}
-        self._seconds = None
+        self._seconds: BatchedObserver | None = None
         self._filtered = None
         self._empty = None
         if metrics is not None:
-            self._seconds = metrics.step_seconds.labels(flow, self.node)
+            # Observed per call on the loop thread, added to the histogram in bulk.
+            self._seconds = BatchedObserver(metrics.step_seconds.labels(flow, self.node))
             self._filtered = metrics.dropped.labels(flow, self.node, DropReason.FILTERED)
             self._empty = metrics.dropped.labels(flow, self.node, DropReason.EMPTY)
 
@@ -204,6 +205,8 @@ class AsyncOp:
                         seconds.observe(clock() - started)
         finally:
             lane.runners -= 1
+            if seconds is not None:  # nothing left to run: publish what was observed
+                seconds.flush()
 
     async def _invoke(self, argument: Any) -> Any:
         if self.timeout_s is None:

@@ -47,15 +47,11 @@ def step_argument(rec: Rec, takes_message: bool) -> Any:
     return rec.as_message() if takes_message else rec.value
 
 
-def dropped_count(rec: Rec) -> int:
-    """Input records a dropped record stands for (a batch: its members)."""
-    return 1 if rec.members is None else len(rec.members)
-
-
 class _StepOp:
     """A user function applied by an operator, with what failures need to name.
 
-    ``dropped`` counts records the step ends without output (once per chunk).
+    ``dropped`` counts records the step ends without output, once per chunk
+    (a batch counts its members, inline: a call per record costs ~50 ns).
     """
 
     reason = DropReason.FILTERED
@@ -88,7 +84,7 @@ class RecordOp(_StepOp):
                 continue
             if result is None:
                 rec.ack.release()
-                dropped += dropped_count(rec)
+                dropped += 1 if rec.members is None else len(rec.members)
                 continue
             if type(result) in PAYLOAD_TYPES:
                 rec.value = result  # the common case, without a method call
@@ -135,7 +131,7 @@ class ExpandOp(_StepOp):
                 failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
                 continue
             if not results:
-                dropped += dropped_count(rec)
+                dropped += 1 if rec.members is None else len(rec.members)
             fan_out(rec, results, rec.ack, out)
         if dropped and self.dropped is not None:
             self.dropped.inc(dropped)
