@@ -104,10 +104,6 @@ def main() -> int:
         env |= {
             "PYTHONPATH": str(target / "src"),
             "LOOM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "LOOM_KAFKA__GROUP_ID": SERVICE,
-            "LOOM_KAFKA__CONSUMER": json.dumps(
-                {"enable.auto.commit": False, "auto.offset.reset": "earliest"}
-            ),
             "LOOM_TOPICS__INPUT": topics["input"],
             "LOOM_TOPICS__OUTPUT": topics["output"],
             "LOOM_TOPICS__DLQ": topics["dlq"],
