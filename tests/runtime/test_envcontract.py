@@ -166,3 +166,8 @@ def test_loom_env_lists_the_contract_of_a_flow(tmp_path: Path) -> None:
         ["LOOM_TOPICS__OUTPUT", "required"],
         ["LOOM_TOPICS__DLQ", "required"],
     ]
+
+
+def test_every_variable_of_the_contract_says_what_it_means() -> None:
+    unexplained = [variable.name for variable in contract(enrich_flow()) if not variable.meaning]
+    assert unexplained == []

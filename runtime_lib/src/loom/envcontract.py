@@ -40,12 +40,8 @@ from loom.streaming.compiler import logical_topics
 from loom.streaming.nodes import StreamFlow
 
 _DOTENV_LINE = re.compile(r"^\s*(#)?\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-_MEANINGS = {
-    "LOOM_KAFKA__BOOTSTRAP_SERVERS": "Kafka brokers, host:port[,host:port]",
-    "LOOM_KAFKA__GROUP_ID": "consumer group of the committed offsets (required unless the "
-    "service has a default: a generated service defaults to its name)",
-    "LOOM_KAFKA__DELIVERY_GUARANTEE": "at-least-once (default) or at-most-once",
-}
+REQUIRED = "LOOM_KAFKA__BOOTSTRAP_SERVERS"
+"""Required of every deployment; the consumer group may come from the service's code."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +73,7 @@ def contract(flow: StreamFlow[Any, Any]) -> list[Variable]:
         for topic in logical_topics(flow)
     ]
     settings = [
-        Variable(name, name == "LOOM_KAFKA__BOOTSTRAP_SERVERS", _MEANINGS.get(name, ""))
-        for name in known_variables()
+        Variable(name, name == REQUIRED, meaning) for name, meaning in known_variables().items()
     ]
     return sorted([*settings, *topics], key=lambda v: not v.required)
 

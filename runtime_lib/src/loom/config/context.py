@@ -26,7 +26,11 @@ from loom.config.runtime import BytewaxRuntimeConfig
 class _Section(BaseModel):
     # hide_input_in_errors: a rejected value may be a secret (a password of
     # the wrong type, librdkafka settings holding credentials).
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    # use_attribute_docstrings: each field's docstring is its description,
+    # which ``loom env`` prints next to the variable.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, hide_input_in_errors=True, use_attribute_docstrings=True
+    )
 
 
 def _json_object(value: Any) -> Any:
@@ -46,17 +50,25 @@ class KafkaSettings(_Section):
     """Broker connection and client settings shared by consumers and producers."""
 
     bootstrap_servers: str | None = None
+    """Kafka brokers, host:port[,host:port]."""
     group_id: str | None = None
-    """Consumer group holding the committed offsets; required to run on Kafka."""
+    """Consumer group holding the committed offsets, one per service."""
     delivery_guarantee: DeliveryGuarantee | None = None
-    """``at-least-once`` or ``at-most-once``; see :mod:`loom.config.delivery`."""
+    """at-least-once (a service's default) or at-most-once (librdkafka auto-commit)."""
     security_protocol: str | None = None
+    """PLAINTEXT (default), SSL, SASL_PLAINTEXT or SASL_SSL."""
     sasl_mechanism: str | None = None
+    """PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER."""
     sasl_username: str | None = None
+    """SASL user name."""
     sasl_password: SecretStr | None = None
+    """SASL password: a secret, never logged, traced or printed."""
     ssl_ca_location: str | None = None
+    """CA bundle to verify the brokers' TLS certificates."""
     consumer: LibrdkafkaSettings = Field(default_factory=dict)
+    """Extra librdkafka consumer settings (JSON object), added to Loom's defaults."""
     producer: LibrdkafkaSettings = Field(default_factory=dict)
+    """Extra librdkafka producer settings (JSON object), added to Loom's defaults."""
     create_topics: bool = False
     """Create missing topics at start-up: for local development only."""
 
@@ -162,6 +174,7 @@ class StreamingSettings(_Section):
 
 class ObservabilitySettings(_Section):
     prometheus_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Port serving /metrics, /healthz and /readyz (unset: no server)."""
     batch_span_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     """Fraction of source polls traced with a ``batch`` span."""
 

@@ -13,10 +13,11 @@ Precedence, highest first: explicit overrides, environment, YAML, defaults.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -76,32 +77,57 @@ def topic_variable(logical: str) -> str:
     return variable_name(("topics", logical))
 
 
-def known_variables() -> list[str]:
-    """Every ``LOOM_*`` variable the settings read, except ``LOOM_TOPICS__<LOGICAL>``.
+_OUTSIDE_SECTIONS = {
+    "config_file": "a YAML file with the same settings (the variables win over it)",
+    "log_level": "DEBUG, INFO (default), WARNING, ERROR or CRITICAL",
+    "process_id_from_hostname": "true: a StatefulSet pod's ordinal is its process id",
+    "replicas": "the StatefulSet's replica count (with PROCESS_ID_FROM_HOSTNAME)",
+    "cluster_service": "the headless service naming each pod (with PROCESS_ID_FROM_HOSTNAME)",
+    "cluster_port": "port the Bytewax processes talk on (default 2101)",
+}
 
-    Derived from the settings models, so the list cannot drift from what
-    :func:`load_config` accepts.
+
+def known_variables() -> dict[str, str]:
+    """Every ``LOOM_*`` variable the settings read and its meaning.
+
+    ``LOOM_TOPICS__<LOGICAL>`` aside (that depends on the flow). Derived from
+    the settings models (field docstrings, the runtime's documented
+    parameters), so it cannot drift from what :func:`load_config` accepts.
     """
-    names = [PREFIX + key.upper() for key in _TOP_LEVEL]
-    names += [variable_name(("kafka", field)) for field in KafkaSettings.model_fields]
-    names += [
-        variable_name(("observability", field)) for field in ObservabilitySettings.model_fields
-    ]
+    known = {PREFIX + key.upper(): _OUTSIDE_SECTIONS[key] for key in _TOP_LEVEL}
+    for section, model in (("kafka", KafkaSettings), ("observability", ObservabilitySettings)):
+        for name, info in model.model_fields.items():
+            known[variable_name((section, name))] = _plain(info.description or "")
+    runtime = _documented_params(BytewaxRuntimeConfig)
+    recovery = _documented_params(BytewaxRecoverySettings)
     for field in msgspec.structs.fields(BytewaxRuntimeConfig):
-        if field.name == "recovery":
-            names += [
-                variable_name(("runtime", "recovery", sub.name))
-                for sub in msgspec.structs.fields(BytewaxRecoverySettings)
-            ]
-        else:
-            names.append(variable_name(("runtime", field.name)))
-    names += [variable_name(("runtime", key)) for key in _CLUSTER_KEYS]
-    return names
+        if field.name != "recovery":
+            known[variable_name(("runtime", field.name))] = runtime.get(field.name, "")
+            continue
+        for sub in msgspec.structs.fields(BytewaxRecoverySettings):
+            known[variable_name(("runtime", "recovery", sub.name))] = recovery.get(sub.name, "")
+    for key in _CLUSTER_KEYS:
+        known[variable_name(("runtime", key))] = _OUTSIDE_SECTIONS[key]
+    return known
 
 
-def did_you_mean(name: str, candidates: list[str]) -> str:
+def _documented_params(cls: type) -> dict[str, str]:
+    """``:param name: text`` entries of a class docstring, each text on one line."""
+    doc = inspect.getdoc(cls) or ""
+    return {
+        name: _plain(text)
+        for name, text in re.findall(r":param (\w+): (.*?)(?=\n\s*:param |\Z)", doc, re.S)
+    }
+
+
+def _plain(text: str) -> str:
+    """Docstring text as one plain line: no reST literals, no final period."""
+    return re.sub(r"``([^`]*)``", r"\1", " ".join(text.split())).removesuffix(".")
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """`` (did you mean X?)`` for the closest candidate, or nothing."""
-    close = difflib.get_close_matches(name.upper(), candidates, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name.upper(), list(candidates), n=1, cutoff=0.75)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
