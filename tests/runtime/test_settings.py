@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,13 @@ def test_statefulset_mode_on_a_hostname_without_ordinal_is_an_error() -> None:
         "LOOM_RUNTIME__PROCESS_ID_FROM_HOSTNAME: hostname 'laptop' is not a StatefulSet pod "
         "name (<name>-<ordinal>)"
     ]
+
+
+def test_an_explicit_environment_is_read_without_touching_os_environ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LOOM_KAFKA__GROUP_ID", "from-the-process")
+    before = dict(os.environ)
+    config = load_config(environ={"LOOM_KAFKA__BOOTSTRAP_SERVERS": "k:9092"})
+    assert config.kafka.group_id is None
+    assert dict(os.environ) == before

@@ -23,7 +23,13 @@ from typing import Any
 import msgspec
 import pydantic
 import yaml
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from loom.config.context import ConfigContext, KafkaSettings, ObservabilitySettings
 from loom.config.delivery import AT_LEAST_ONCE
@@ -52,6 +58,18 @@ class _Environment(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=PREFIX, env_nested_delimiter="__", case_sensitive=False, extra="ignore"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the values passed in (from :class:`_MappingEnvSource`), never ``os.environ``."""
+        return (init_settings,)
 
     config_file: str | None = None
     kafka: dict[str, Any] = pydantic.Field(default_factory=dict)
@@ -203,15 +221,28 @@ def _log_level_problems(env_map: Mapping[str, str]) -> list[str]:
     return []
 
 
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping.
+
+    The same parsing as for ``os.environ`` (prefix, ``__`` nesting, case),
+    without touching the process environment: a service passes its
+    environment explicitly, tests pass theirs, and nothing is shared
+    between threads.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars during super().__init__
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
+
 def _read_environment(env_map: Mapping[str, str]) -> dict[str, Any]:
-    saved = dict(os.environ)
-    try:  # pydantic-settings reads os.environ; give it exactly env_map.
-        os.environ.clear()
-        os.environ.update(env_map)
-        return _Environment().model_dump(exclude_defaults=False)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    values = _MappingEnvSource(_Environment, env_map)()
+    return _Environment(**values).model_dump(exclude_defaults=False)
 
 
 def _unknown_variables(env_map: Mapping[str, str]) -> list[str]:
