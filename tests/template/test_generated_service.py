@@ -1,7 +1,7 @@
 """``copier copy`` of the defaults and of three variants, each checked as a team
 would use it: rendered completely, statically valid containers and manifests,
-installable against the local runtime, and passing its own lint, type checks
-and test suite (including its integration test on the dev broker).
+installable from its declared runtime source, and passing its own lint, type
+checks and test suite (including its integration test on the dev broker).
 
 Only Python 3.11 runs here: the 3.12 variant is installed and tested on 3.11
 (``--ignore-requires-python``) and its 3.12-specific settings are checked as
@@ -10,9 +10,13 @@ rendered.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
+import sys
 import tomllib
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,11 @@ from loom.config.context import KafkaSettings, ObservabilitySettings
 from loom.config.settings import _CLUSTER_KEYS
 from loom.streaming.bytewax.runner import BytewaxRecoverySettings, BytewaxRuntimeConfig
 from tests.template.support import (
+    REPO,
     ServiceVenv,
+    bundled_wheel,
     compose_binary,
+    git,
     render,
     run,
     runtime_version,
@@ -60,7 +67,7 @@ class Variant:
 
     @property
     def source(self) -> str:
-        return str(self.answer("loom_runtime_source", "index"))
+        return str(self.answer("loom_runtime_source", "bundled"))
 
     @property
     def include_k8s(self) -> bool:
@@ -72,7 +79,8 @@ class Variant:
 
 
 VARIANTS = [
-    # Every answer defaulted; the service name comes from the folder name.
+    # Every answer defaulted (the bundled runtime wheel); the service name
+    # comes from the folder name.
     Variant("defaults", "orders-enricher"),
     Variant(
         "trio-path-no-k8s",
@@ -105,6 +113,7 @@ VARIANTS = [
         {
             "service_name": "fraud-scorer",
             "async_backend": "trio",
+            "loom_runtime_source": "index",
             "loom_runtime_index_url": "https://pypi.internal.example/simple",
         },
     ),
@@ -185,7 +194,12 @@ def test_the_runtime_is_pinned_and_resolved_from_the_chosen_source(generated: Ge
     pyproject = tomllib.loads(generated.read("pyproject.toml"))
     extra = "uvloop" if variant.async_backend == "asyncio" else "trio"
     assert f"loom-runtime[{extra}]=={version}" in pyproject["project"]["dependencies"]
-    assert f"loom-runtime[dev]=={version}" in pyproject["project"]["optional-dependencies"]["dev"]
+    dev = pyproject["project"]["optional-dependencies"]["dev"]
+    assert f"loom-runtime[dev]=={version}" in dev
+    # The README tells the team to run `copier update`: the kit's own copier.
+    kit_dev = tomllib.loads((REPO / "pyproject.toml").read_text())["dependency-groups"]["dev"]
+    [kit_copier] = [pin for pin in kit_dev if pin.startswith("copier==")]
+    assert kit_copier in dev
     assert pyproject["project"]["scripts"] == {
         variant.service_name: f"{variant.package_name}.__main__:main"
     }
@@ -194,15 +208,60 @@ def test_the_runtime_is_pinned_and_resolved_from_the_chosen_source(generated: Ge
         for line in generated.read("requirements-runtime.txt").splitlines()
         if line and not line.startswith("#")
     ]
-    if variant.source == "index":
-        index = variant.answer("loom_runtime_index_url", "")
-        assert lines == ([f"--index-url {index}"] if index else []) + [f"loom-runtime=={version}"]
+    runtime_wheels = sorted(path.name for path in (generated.path / "wheels").glob("*.whl"))
+    if variant.source == "bundled":
+        wheel = generated.path / "wheels" / bundled_wheel(version)
+        assert runtime_wheels == [wheel.name]
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        assert lines == [f"file:wheels/{wheel.name}#sha256={digest}"]
+        # Committed with the service: git sees the wheel, the .gitignore keeps it in.
+        status = git(
+            "status", "--porcelain", "--untracked-files=all", "--", "wheels", cwd=generated.path
+        )
+        assert f"?? wheels/{wheel.name}" in status.splitlines()
+    elif variant.source == "index":
+        # The private index is the only one: never --extra-index-url.
+        index = variant.data["loom_runtime_index_url"]
+        assert lines == [f"--index-url {index}", f"loom-runtime=={version}"]
     elif variant.source == "git":
         url = f"file://{generated.template_repo}"
         subdirectory = "#subdirectory=runtime_lib"
         assert lines == [f"loom-runtime @ git+{url}@v{version}{subdirectory}"]
     else:
         assert lines == [f"-e {generated.template_repo / 'runtime_lib'}"]
+    if variant.source != "bundled":
+        assert runtime_wheels == []
+
+
+def tampered(wheel: Path) -> None:
+    """Rewrite ``wheel`` as a valid wheel of the same name with one more module."""
+    original = wheel.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(original)) as source, zipfile.ZipFile(wheel, "w") as target:
+        for item in source.infolist():
+            target.writestr(item, source.read(item))
+        target.writestr("loom/injected.py", "print('not the runtime of the template')\n")
+
+
+def test_the_bundled_wheel_is_reproducible_and_pip_installs_only_those_bytes(
+    template_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same runtime source gives the same wheel (``copier update`` renders the
+    previous release again and compares), pip installs it without any index, and
+    refuses a wheel of the same name with other contents."""
+    name = bundled_wheel(runtime_version())
+    first = render(template_repo, tmp_path / "one" / "orders-enricher", {})
+    # Another directory, other file times, and SOURCE_DATE_EPOCH (which the task clears).
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    second = render(template_repo, tmp_path / "two" / "orders-enricher", {})
+    assert (first / "wheels" / name).read_bytes() == (second / "wheels" / name).read_bytes()
+
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index"]
+    accepted = run([*pip, "-r", "requirements-runtime.txt"], cwd=first)
+    assert f"Would install loom-runtime-{runtime_version()}" in accepted.stdout
+    tampered(first / "wheels" / name)
+    refused = run([*pip, "-r", "requirements-runtime.txt"], cwd=first, check=False)
+    assert refused.returncode != 0
+    assert "THESE PACKAGES DO NOT MATCH THE HASHES" in refused.stderr, refused.stderr
 
 
 def test_the_example_flow_reads_its_topics_from_the_environment(generated: Generated) -> None:
@@ -268,8 +327,17 @@ def test_the_dockerfile_passes_hadolint_and_has_the_essentials(generated: Genera
     # The package index is a build argument; wheels/ serves offline builds.
     for argument in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX", "PIP_FIND_LINKS"):
         assert f"ARG {argument}" in build
-    assert any("--find-links /build/wheels" in i for i in build)
+    [install] = [i for i in build if "pip --python /opt/service/bin/python install" in i]
+    assert "--find-links /build/wheels" in install
     assert (generated.path / "wheels/README.md").exists()
+    # loom-runtime as in development and CI: through requirements-runtime.txt
+    # when the image build can reach its source, else the wheel CI builds first.
+    source = generated.variant.source
+    assert "COPY requirements-runtime.txt pyproject.toml README.md ./" in build
+    if source in ("bundled", "index"):
+        assert install.endswith(" -r requirements-runtime.txt /build")
+    else:
+        assert install.endswith(f" /build/wheels/{bundled_wheel(runtime_version())} /build")
     # The final stage: the venv only, an unprivileged user, health, PID 1.
     assert [i for i in final if i.startswith(("COPY", "ADD"))] == [
         "COPY --from=build /opt/service /opt/service"
@@ -287,6 +355,7 @@ def test_the_dockerfile_passes_hadolint_and_has_the_essentials(generated: Genera
     assert "STOPSIGNAL SIGTERM" in final
     ignored = generated.read(".dockerignore").splitlines()
     assert ignored[ignored.index("*") :][:1] == ["*"]  # everything not listed stays out
+    assert {"!requirements-runtime.txt", "!wheels/"} <= set(ignored)
 
 
 def test_the_compose_file_is_valid_and_complete(generated: Generated) -> None:
@@ -313,7 +382,9 @@ def test_the_compose_file_is_valid_and_complete(generated: Generated) -> None:
     assert service["depends_on"]["topics"] == {"condition": "service_completed_successfully"}
     environment = service["environment"]
     assert environment["LOOM_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:29092"
-    assert json.loads(environment["LOOM_KAFKA__CONSUMER"])["enable.auto.commit"] is False
+    # Nothing about commits: at-least-once and the service's own group are defaults.
+    assert "LOOM_KAFKA__CONSUMER" not in environment
+    assert "LOOM_KAFKA__GROUP_ID" not in environment
     assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
     port = environment["LOOM_OBSERVABILITY__PROMETHEUS_PORT"]
     prometheus = generated.yaml("observability/prometheus.yml")
@@ -333,13 +404,17 @@ def test_the_ci_workflow_and_dependabot_config_are_valid(generated: Generated) -
         [check, "--builtin-schema", "vendor.dependabot", ".github/dependabot.yml"],
         cwd=generated.path,
     )
-    steps = [
-        step.get("run", "")
-        for job in generated.yaml(".github/workflows/ci.yml")["jobs"].values()
-        for step in job["steps"]
-    ]
+    workflow = generated.yaml(".github/workflows/ci.yml")
+    steps = [step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]]
     for command in ("ruff check .", "ruff format --check .", "mypy", "pytest", "docker build"):
         assert any(command in step for step in steps), command
+    assert any('pip install -r requirements-runtime.txt -e ".[dev]"' in step for step in steps)
+    # Only a git or path source needs its wheel built for the image; bundled is committed.
+    source = generated.variant.source
+    wheel_steps = [step for step in steps if "pip wheel" in step]
+    assert len(wheel_steps) == (1 if source in ("git", "path") else 0)
+    index = generated.variant.data.get("loom_runtime_index_url")
+    assert workflow.get("env", {}).get("PIP_INDEX_URL") == index
 
 
 def test_the_kubernetes_manifests_validate_against_the_schemas(generated: Generated) -> None:
@@ -386,8 +461,10 @@ def install(generated: Generated, environment: ServiceVenv, wheelhouse: Path) ->
     """Install the service (and loom-runtime from its declared source), as its README says."""
     variant = generated.variant
     options: list[str | Path] = ["--quiet"]
-    if variant.source == "index":
-        # The wheelhouse stands in for the (private) index: nothing else is reachable.
+    if variant.source in ("bundled", "index"):
+        # No index: a bundled runtime needs none, and for the index source the
+        # wheelhouse stands in for the private index. The wheelhouse also has
+        # the service's build backend (the runtime's dependencies are installed).
         options += ["--no-index", "--find-links", wheelhouse]
     if variant.python_version != "3.11":
         options.append("--ignore-requires-python")
@@ -420,7 +497,14 @@ def test_the_service_installs_and_passes_its_checks_and_its_own_tests(
     runtime = installed_runtime(service_venv)
     assert runtime["version"] == runtime_version()
     origin = runtime["direct_url"]
-    if variant.source == "index":
+    if variant.source == "bundled":
+        # The committed wheel (not the wheelhouse's loom-runtime), checked by its hash.
+        wheel = generated.path / "wheels" / bundled_wheel(runtime_version())
+        assert origin["url"].endswith(f"/wheels/{wheel.name}")
+        assert origin["archive_info"]["hashes"] == {
+            "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()
+        }
+    elif variant.source == "index":
         assert origin is None  # from the index (here: the wheelhouse)
     elif variant.source == "git":
         assert origin["vcs_info"]["requested_revision"] == f"v{runtime_version()}"

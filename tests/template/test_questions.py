@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,17 +40,38 @@ def test_the_contract_questions_exist_with_their_names() -> None:
     assert config["_answers_file"] == ".copier-answers.yml"
     assert Version(config["_min_copier_version"]) >= Version("9.5")  # _copier_operation
     assert config["python_version"]["choices"] == ["3.11", "3.12"]
-    assert set(config["loom_runtime_source"]["choices"].values()) == {"index", "git", "path"}
+    source = config["loom_runtime_source"]
+    assert set(source["choices"].values()) == {"bundled", "index", "git", "path"}
+    # No default lets a public-index package named loom-runtime stand in for ours.
+    assert source["default"] == "bundled"
+    assert config["loom_runtime_index_url"]["default"] == ""  # refused: must be given
     assert config["include_k8s"]["type"] == "bool"
 
 
-def test_tasks_run_only_on_copy_and_migrations_are_ready() -> None:
+def test_tasks_and_migrations_are_ready() -> None:
+    """git init on copy only; the runtime wheel task on copy and update alike."""
     config = copier_config()
-    for task in config["_tasks"]:
-        assert task["when"] == "{{ _copier_operation == 'copy' }}"
+    git_init, runtime_wheel = config["_tasks"]
+    assert git_init["when"] == "{{ _copier_operation == 'copy' }}"
+    assert "git" in git_init["command"][2]
+    assert "when" not in runtime_wheel
+    assert runtime_wheel["command"][3:] == [
+        "{{ loom_runtime_source }}",
+        "{{ _copier_conf.src_path }}/runtime_lib",
+        "{{ runtime_wheel }}",
+        "{{ runtime_build_backend }}",
+    ]
     assert config["_migrations"] == []
     text = (REPO / "copier.yml").read_text(encoding="utf-8")
     assert "#   - version: v0.2.0" in text, "the commented example of a first migration"
+
+
+def test_the_runtime_build_backend_is_pinned_by_hash() -> None:
+    """Each requirement exact and hashed: the same backend gives the same wheel bytes."""
+    backend = copier_config()["runtime_build_backend"]["default"].splitlines()
+    assert backend[0].startswith("hatchling==")
+    for line in backend:
+        assert re.fullmatch(r"[a-z-]+==[0-9.]+( ; [^-]+)? --hash=sha256:[0-9a-f]{64}", line), line
 
 
 def test_the_template_runtime_version_is_read_from_the_runtime_package() -> None:
@@ -86,6 +108,25 @@ def pretend_copy(template_repo: Path, tmp_path: Path, **data: str) -> tuple[int,
         ({"loom_runtime_version": "0.0.1"}, "is older than"),
         ({"python_version": "3.10"}, "Invalid choice for 'python_version'"),
         (
+            {"loom_runtime_version": "99.0.0"},
+            "loom_runtime_source=bundled builds loom-runtime",
+        ),
+        (
+            {"loom_runtime_source": "index"},
+            "loom_runtime_source=index needs loom_runtime_index_url",
+        ),
+        (
+            {"loom_runtime_source": "index", "loom_runtime_index_url": "https://pypi.org/simple"},
+            "loom_runtime_index_url must be a private index",
+        ),
+        (
+            {
+                "loom_runtime_source": "index",
+                "loom_runtime_index_url": "https://files.pythonhosted.org/simple",
+            },
+            "loom_runtime_index_url must be a private index",
+        ),
+        (
             {"loom_runtime_source": "git", "loom_runtime_git_url": "github.com/acme/loom"},
             "loom_runtime_git_url must be an https://",
         ),
@@ -115,5 +156,15 @@ def test_valid_answers_are_accepted(template_repo: Path, tmp_path: Path) -> None
         team="team.payments_eu",
         input_topic="EU_orders.v2",
         loom_runtime_version=runtime_version(),
+    )
+    assert code == 0, output
+    # A newer runtime than the template's, from a private index.
+    code, output = pretend_copy(
+        template_repo,
+        tmp_path,
+        service_name="eu-orders-2",
+        loom_runtime_version="99.0.0",
+        loom_runtime_source="index",
+        loom_runtime_index_url="https://pypi.internal.example/simple",
     )
     assert code == 0, output
