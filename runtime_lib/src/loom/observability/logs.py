@@ -4,7 +4,9 @@ Log calls pass context as ``extra`` (``flow``, ``node``, ``topic``,
 ``partition``, ``offset``); the formatter writes those keys when present, so
 a log search can go from an alert straight to the record that caused it.
 
-:class:`DeadLetterLog` writes dead letters to the log at a bounded rate.
+:class:`DeadLetterLog` writes dead letters to the log at a bounded rate,
+adding ``kind``, ``exception_type``, ``error``, ``destination`` and
+``suppressed`` to those keys.
 """
 
 from __future__ import annotations
