@@ -58,7 +58,7 @@ COMPONENTS = (
     ),
     ("KafkaWriter.poll: serving delivery reports", ("KafkaWriter.poll (",)),
     ("KafkaReader.poll: consume()", ("KafkaReader.poll",)),
-    ("Loom acks (track/advance/release)", ("loom/streaming/bytewax/acks.py",)),
+    ("Loom acks (track/advance/release)", ("loom/delivery/acks.py",)),
     (
         "Loom records (Rec, OutRecord, headers/key)",
         ("loom/streaming/bytewax/records.py", "<string>"),

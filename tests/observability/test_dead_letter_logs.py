@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 import pytest
 
+from loom.delivery.acks import Ack
 from loom.observability import ObservabilityRuntime
 from loom.observability.logs import DeadLetterLog, JsonFormatter, loggable_message
 from loom.observability.metrics import new_registry
@@ -27,7 +28,6 @@ from loom.streaming import (
     RecordStep,
     StreamFlow,
 )
-from loom.streaming.bytewax.acks import Ack
 from loom.streaming.bytewax.records import Failure
 from loom.streaming.testing import TestRunner
 

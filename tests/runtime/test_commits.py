@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from loom.config import ConfigContext
+from loom.delivery.acks import GroupAck, WorkerProgress
 from loom.streaming import (
     BatchStep,
     CollectBatch,
@@ -12,7 +13,6 @@ from loom.streaming import (
     RecordStep,
     compile_flow,
 )
-from loom.streaming.bytewax.acks import GroupAck, WorkerProgress
 from loom.streaming.bytewax.source import FlowSource, SourceSettings
 from loom.streaming.bytewax.state import RunState
 from loom.streaming.testing import MemoryBroker, MemoryTransport, TestRunner
@@ -128,9 +128,9 @@ class HeldDeadLetters(MemoryTransport):
         self.release = threading.Event()
         self.held = 0
 
-    def writer(self, binding, worker_index, report):  # type: ignore[no-untyped-def]
-        writer = super().writer(binding, worker_index, report)
-        return _HeldWriter(writer, self) if binding.logical == "dlq" else writer
+    def writer(self, topic, worker_index, report):  # type: ignore[no-untyped-def]
+        writer = super().writer(topic, worker_index, report)
+        return _HeldWriter(writer, self) if topic == "dlq" else writer
 
 
 class _HeldWriter:
@@ -160,7 +160,7 @@ def test_nothing_is_committed_before_its_dead_letter_is_delivered() -> None:
 
     tester = TestRunner(enrich_flow(RecordStep(fail)))
     transport = HeldDeadLetters(tester.broker)
-    tester.runner._use_transport(transport)
+    tester.runner.use_transport(transport)
     tester.transport = transport
     tester.send_all(orders(5))
     seen_while_held: list[dict[int, int]] = []

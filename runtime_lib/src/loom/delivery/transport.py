@@ -3,18 +3,39 @@
 The adapter never talks to Kafka directly: it asks a transport for one
 :class:`TransportReader` and one :class:`TransportWriter` per worker and
 topic. ``loom.transports.kafka`` implements these on confluent-kafka;
-``loom.streaming.testing`` implements them in memory.
+``loom.streaming.testing`` implements them in memory. Topics are physical
+topic names: a transport knows nothing of flows, plans or codecs.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
-from loom.streaming.bytewax.acks import Ack
-from loom.streaming.bytewax.records import Origin, OutRecord
-from loom.streaming.plan import FlowPlan, TopicBinding
+from loom.delivery.acks import Ack
+
+
+class Origin(Protocol):
+    """An input record as the transport delivers it (confluent-kafka's shape)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+    def headers(self) -> list[tuple[str, bytes]] | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+OutRecord = tuple[bytes | None, bytes, Sequence[tuple[str, bytes]] | None, Any]
+"""An encoded record for a topic: ``(key, value, headers, source)``.
+
+``source`` is opaque to the transport: the adapter's record it was encoded
+from, handed back in a :class:`FailureReport` if the broker refuses it
+(``None`` for dead letters). A plain tuple, not a ``NamedTuple``: one is
+built per produced record, and writers unpack it.
+"""
 
 
 class TransportReader(Protocol):
@@ -74,18 +95,18 @@ class TransportWriter(Protocol):
 class Transport(Protocol):
     """Builds per-worker readers and writers."""
 
-    def preflight(self, plan: FlowPlan, stopping: threading.Event) -> None:
-        """Fail fast, before workers start, if the transport cannot serve ``plan``.
+    def preflight(self, source: str, sinks: Sequence[str], stopping: threading.Event) -> None:
+        """Fail fast, before workers start, if ``source`` cannot be read or a sink written.
 
         Returns early, without an error, once ``stopping`` is set (a SIGTERM
         while waiting for the broker must not wait out the time-out).
         """
         ...
 
-    def reader(
-        self, binding: TopicBinding, worker_index: int, worker_count: int
-    ) -> TransportReader: ...
+    def reader(self, topic: str, worker_index: int, worker_count: int) -> TransportReader:
+        """The reader of ``topic``'s partitions that worker ``worker_index`` owns."""
+        ...
 
-    def writer(
-        self, binding: TopicBinding, worker_index: int, report: FailureReport
-    ) -> TransportWriter: ...
+    def writer(self, topic: str, worker_index: int, report: FailureReport) -> TransportWriter:
+        """A writer of ``topic`` for worker ``worker_index``; refusals go to ``report``."""
+        ...

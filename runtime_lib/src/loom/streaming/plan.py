@@ -156,6 +156,11 @@ class FlowPlan:
             intervals.append(5)
         return min(intervals) if intervals else None
 
+    def sink_topics(self) -> list[str]:
+        """Physical topics the flow writes to (outputs and dead letters), each once."""
+        topics = [t.binding.physical for t in self.sink_terminals() if isinstance(t, TopicSinkPlan)]
+        return list(dict.fromkeys(topics))
+
     def sink_terminals(self) -> list[TerminalPlan]:
         """Terminals of records and of errors, each once."""
         seen: dict[str, TerminalPlan] = {}

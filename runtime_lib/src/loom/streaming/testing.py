@@ -25,16 +25,14 @@ from typing import Any, TypeVar
 import msgspec
 
 from loom.config.context import ConfigContext
+from loom.delivery.acks import Ack
+from loom.delivery.transport import FailureReport, Origin, OutRecord
 from loom.observability import ObservabilityRuntime
-from loom.streaming.bytewax.acks import Ack
-from loom.streaming.bytewax.records import Origin, OutRecord
 from loom.streaming.bytewax.runner import BytewaxRuntimeConfig, StreamingRunner
-from loom.streaming.bytewax.transport import FailureReport
 from loom.streaming.codecs import build_codec
 from loom.streaming.errors import ErrorEnvelope
 from loom.streaming.message import Headers
 from loom.streaming.nodes import FromTopic, IntoTopic, Process, Router, StreamFlow
-from loom.streaming.plan import FlowPlan, TopicBinding
 
 T = TypeVar("T")
 
@@ -225,20 +223,16 @@ class MemoryTransport:
         self.hold_open = hold_open
         self.readers: list[MemoryReader] = []
 
-    def preflight(self, plan: FlowPlan, stopping: threading.Event) -> None:
+    def preflight(self, source: str, sinks: Sequence[str], stopping: threading.Event) -> None:
         return None
 
-    def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> MemoryReader:
-        reader = MemoryReader(
-            self.broker, binding.physical, worker_index, worker_count, self.hold_open
-        )
+    def reader(self, topic: str, worker_index: int, worker_count: int) -> MemoryReader:
+        reader = MemoryReader(self.broker, topic, worker_index, worker_count, self.hold_open)
         self.readers.append(reader)
         return reader
 
-    def writer(
-        self, binding: TopicBinding, worker_index: int, report: FailureReport
-    ) -> MemoryWriter:
-        return MemoryWriter(self.broker, binding.physical, report)
+    def writer(self, topic: str, worker_index: int, report: FailureReport) -> MemoryWriter:
+        return MemoryWriter(self.broker, topic, report)
 
 
 @dataclass
@@ -321,7 +315,7 @@ class TestRunner:
         )
         self._encode = build_codec(flow.source.codec, flow.source.payload).encode
         self.transport = MemoryTransport(self.broker)
-        self.runner._use_transport(self.transport)
+        self.runner.use_transport(self.transport)
 
     @property
     def input_topic(self) -> str:

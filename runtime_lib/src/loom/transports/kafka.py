@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from confluent_kafka import (
@@ -38,11 +38,9 @@ from confluent_kafka.cimpl import NewTopic
 
 from loom.config.context import KafkaSettings
 from loom.config.settings import SettingsError
+from loom.delivery.acks import Ack, release_all
+from loom.delivery.transport import FailureReport, Origin, OutRecord
 from loom.errors import StartupError
-from loom.streaming.bytewax.acks import Ack, release_all
-from loom.streaming.bytewax.records import Origin, OutRecord
-from loom.streaming.bytewax.transport import FailureReport
-from loom.streaming.plan import FlowPlan, TopicBinding, TopicSinkPlan
 
 logger = logging.getLogger("loom.transports.kafka")
 client_logger = logging.getLogger("loom.transports.kafka.librdkafka")
@@ -386,9 +384,14 @@ class KafkaTransport:
     # -- start-up ---------------------------------------------------------
 
     def preflight(
-        self, plan: FlowPlan, stopping: threading.Event, *, timeout_s: float = 10.0
+        self,
+        source: str,
+        sinks: Sequence[str],
+        stopping: threading.Event,
+        *,
+        timeout_s: float = 10.0,
     ) -> None:
-        """Check the cluster can serve ``plan`` before any worker starts.
+        """Check the cluster has ``source`` and ``sinks`` before any worker starts.
 
         Fails with one clear :class:`KafkaStartupError` for an unreachable
         cluster or missing topics (creating them instead when
@@ -399,9 +402,7 @@ class KafkaTransport:
         metadata = self._metadata(admin, stopping, timeout_s)
         if metadata is None:
             return
-        needed = [plan.source.binding.physical] + [
-            t.binding.physical for t in plan.sink_terminals() if isinstance(t, TopicSinkPlan)
-        ]
+        needed = [source, *sinks]
         missing = [topic for topic in dict.fromkeys(needed) if topic not in metadata.topics]
         if missing and self.settings.create_topics:
             self._create(admin, missing, timeout_s)
@@ -414,7 +415,6 @@ class KafkaTransport:
             )
         for topic in dict.fromkeys(needed):
             self._partitions[topic] = len(metadata.topics[topic].partitions)
-        source = plan.source.binding.physical
         if self._partitions[source] == 0:
             raise KafkaStartupError(f"topic {source} has no partitions to read")
 
@@ -477,12 +477,10 @@ class KafkaTransport:
     def _producer_config(self) -> dict[str, Any]:
         return {**PRODUCER_DEFAULTS, **self.settings.producer, **self.settings.client_config()}
 
-    def reader(self, binding: TopicBinding, worker_index: int, worker_count: int) -> KafkaReader:
+    def reader(self, topic: str, worker_index: int, worker_count: int) -> KafkaReader:
         config = self._consumer_config()
         partitions = [
-            p
-            for p in range(self.partition_count(binding.physical))
-            if p % worker_count == worker_index
+            p for p in range(self.partition_count(topic)) if p % worker_count == worker_index
         ]
         if not partitions:
             logger.warning(
@@ -490,19 +488,17 @@ class KafkaTransport:
                 "partitions than workers)",
                 worker_index,
                 worker_count,
-                binding.physical,
+                topic,
             )
         return KafkaReader(
             Consumer(config),
-            binding.physical,
+            topic,
             partitions,
             manual_commits=not self.delivery.auto_commit,
         )
 
-    def writer(
-        self, binding: TopicBinding, worker_index: int, report: FailureReport
-    ) -> KafkaWriter:
+    def writer(self, topic: str, worker_index: int, report: FailureReport) -> KafkaWriter:
         window = self._windows.get(worker_index)
         if window is None:
             window = self._windows[worker_index] = DeliveryWindow(self._producer_config())
-        return KafkaWriter(window.producer, window, binding.physical, report)
+        return KafkaWriter(window.producer, window, topic, report)

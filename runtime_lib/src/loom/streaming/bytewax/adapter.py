@@ -19,6 +19,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.outputs import DynamicSink
 
+from loom.delivery.transport import Transport
 from loom.observability import ObservabilityRuntime
 from loom.observability.logs import DeadLetterLog
 from loom.observability.metrics import DropReason, observe_many
@@ -41,7 +42,6 @@ from loom.streaming.bytewax.outputs import AckingSink, TopicSink
 from loom.streaming.bytewax.records import Chunk, Failure, Outbound
 from loom.streaming.bytewax.source import FlowSource, SourceSettings
 from loom.streaming.bytewax.state import RunState
-from loom.streaming.bytewax.transport import Transport
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import (
     AsyncPlan,

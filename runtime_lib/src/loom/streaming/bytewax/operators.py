@@ -16,16 +16,16 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from loom.delivery.acks import Ack, GroupAck
+from loom.delivery.transport import OutRecord
 from loom.observability.logs import DeadLetterLog
 from loom.observability.metrics import DropReason, FlowMetrics
 from loom.observability.tracing import end_span, with_trace_headers
-from loom.streaming.bytewax.acks import Ack, GroupAck
 from loom.streaming.bytewax.records import (
     PAYLOAD_TYPES,
     Chunk,
     Failure,
     Outbound,
-    OutRecord,
     Rec,
     error_kind_of,
     failures_for,

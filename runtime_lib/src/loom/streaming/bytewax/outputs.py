@@ -7,10 +7,10 @@ from typing import Any
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client import Counter
 
-from loom.streaming.bytewax.acks import Ack
-from loom.streaming.bytewax.records import Outbound, OutRecord, failures_for
+from loom.delivery.acks import Ack
+from loom.delivery.transport import OutRecord, Transport, TransportWriter
+from loom.streaming.bytewax.records import Outbound, failures_for
 from loom.streaming.bytewax.state import RunState
-from loom.streaming.bytewax.transport import Transport, TransportWriter
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import TopicBinding
 
@@ -52,7 +52,7 @@ class TopicSink(DynamicSink[Outbound]):
                 return
             worker.report(failures_for(self.flow, self.node, ErrorKind.DELIVERY, source, error))
 
-        writer = self.transport.writer(self.binding, worker_index, refused)
+        writer = self.transport.writer(self.binding.physical, worker_index, refused)
         worker.writers.append(writer)
         return _WriterPartition(writer, self.produced)
 

@@ -14,12 +14,13 @@ import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import msgspec
 from opentelemetry.trace import Span
 
-from loom.streaming.bytewax.acks import Ack
+from loom.delivery.acks import Ack
+from loom.delivery.transport import Origin
 from loom.streaming.errors import (
     TRACEBACK_FRAMES,
     TRACEBACK_MAX_CHARS,
@@ -30,18 +31,6 @@ from loom.streaming.errors import (
 from loom.streaming.message import Headers, Message, MessageMeta
 
 ATTEMPT_HEADER = "loom-attempt"
-
-
-class Origin(Protocol):
-    """An input record as the transport delivers it (confluent-kafka's shape)."""
-
-    def topic(self) -> str | None: ...
-    def partition(self) -> int | None: ...
-    def offset(self) -> int | None: ...
-    def key(self) -> bytes | None: ...
-    def value(self) -> bytes | None: ...
-    def headers(self) -> list[tuple[str, bytes]] | None: ...
-    def timestamp(self) -> tuple[int, int]: ...
 
 
 PAYLOAD_TYPES: set[type] = set()
@@ -158,15 +147,6 @@ class Outbound(NamedTuple):
     items: list[Any]
     acks: list[Ack]
     failures: list[Failure]
-
-
-OutRecord = tuple[bytes | None, bytes, Sequence[tuple[str, bytes]] | None, Rec | None]
-"""An encoded record for a topic: ``(key, value, headers, source)``.
-
-``source`` is the record it was encoded from, used to build the error
-envelope if the broker refuses it; dead letters have none. A plain tuple,
-not a ``NamedTuple``: one is built per produced record, and writers unpack it.
-"""
 
 
 _fallback_encoder = msgspec.json.Encoder(enc_hook=repr)

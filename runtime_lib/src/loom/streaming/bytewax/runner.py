@@ -19,6 +19,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from loom.config.context import ConfigContext
 from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
+from loom.delivery.transport import Transport
 from loom.errors import ClusterPeerLostError, StartupError
 from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.server import ProbeServer
@@ -26,7 +27,6 @@ from loom.streaming.bytewax.adapter import DataflowBuilder
 from loom.streaming.bytewax.bridge import AsyncBridge
 from loom.streaming.bytewax.source import SourceSettings
 from loom.streaming.bytewax.state import RunState
-from loom.streaming.bytewax.transport import Transport
 from loom.streaming.compiler import compile_flow
 from loom.streaming.errors import ErrorEnvelope, ErrorKind
 from loom.streaming.nodes import StreamFlow
@@ -286,8 +286,12 @@ class StreamingRunner:
         self._flow = flow
         self._config = config
 
-    def _use_transport(self, transport: Transport) -> None:
-        """Replace the Kafka transport (``loom.streaming.testing`` uses this)."""
+    def use_transport(self, transport: Transport) -> None:
+        """Run on ``transport`` instead of Kafka.
+
+        ``loom.streaming.testing.TestRunner`` passes its in-memory transport;
+        a test may pass a double of its own (see :mod:`loom.delivery.transport`).
+        """
         self._transport = transport
 
     @property
@@ -393,7 +397,10 @@ class StreamingRunner:
                 prepared = self.prepare_run(error_sinks=error_sinks)
                 assert self._run_state is not None
                 assert self._transport is not None
-                self._transport.preflight(self.plan, self._stop)
+                plan = self.plan
+                self._transport.preflight(
+                    plan.source.binding.physical, plan.sink_topics(), self._stop
+                )
                 if self._stop.is_set():  # stopped while waiting for the broker
                     return
                 cycle.set_attribute("loom.node_count", self.plan.node_count)

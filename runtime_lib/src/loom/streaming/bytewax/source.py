@@ -1,7 +1,7 @@
 """The flow's Bytewax source: polls the transport, decodes, and commits offsets.
 
 This is where offsets are committed. Each worker's partition tracks acks
-of consumed offsets (:mod:`loom.streaming.bytewax.acks`) and, at most once
+of consumed offsets (:mod:`loom.delivery.acks`) and, at most once
 per ``commit_interval_s``, commits the finished prefix of every partition.
 When the input goes idle (the worker caught up), it confirms pending outputs
 and commits within ~100 ms instead, so a caught-up service's committed
@@ -25,12 +25,12 @@ from typing import Any
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 
+from loom.delivery.acks import Ack
+from loom.delivery.transport import Transport, TransportReader
 from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.tracing import start_record_span
-from loom.streaming.bytewax.acks import Ack
 from loom.streaming.bytewax.records import Chunk, Failure, Rec, failures_for
 from loom.streaming.bytewax.state import GracefulStop, RunState, WorkerState
-from loom.streaming.bytewax.transport import Transport, TransportReader
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import FlowPlan
 
@@ -81,7 +81,8 @@ class FlowSource(DynamicSource[Chunk]):
         self.observability = observability
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> FlowSourcePartition:
-        reader = self.transport.reader(self.plan.source.binding, worker_index, worker_count)
+        topic = self.plan.source.binding.physical
+        reader = self.transport.reader(topic, worker_index, worker_count)
         worker = self.run.worker(worker_index)
         partition = FlowSourcePartition(self, reader, worker)
         self.run.mark_ready(worker_index)

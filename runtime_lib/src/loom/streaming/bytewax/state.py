@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from loom.streaming.bytewax.acks import WorkerProgress
+from loom.delivery.acks import WorkerProgress
+from loom.delivery.transport import TransportWriter
 from loom.streaming.bytewax.records import Failure
-from loom.streaming.bytewax.transport import TransportWriter
 
 
 class WorkerState:
