@@ -11,21 +11,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from loom.errors import MissingVariableError as MissingVariableError  # noqa: PLC0414 (re-export)
+
 _PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class MissingVariableError(KeyError):
-    """A ``${VAR}`` without default names an unset environment variable."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-    def __str__(self) -> str:
-        return (
-            f"environment variable {self.name} is referenced by the config file "
-            "but not set (use ${" + self.name + ":-default} for an optional one)"
-        )
 
 
 def interpolate(value: Any, environ: Mapping[str, str]) -> Any:

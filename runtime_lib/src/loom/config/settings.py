@@ -33,8 +33,10 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from loom.config.context import ConfigContext, KafkaSettings, ObservabilitySettings
 from loom.config.delivery import AT_LEAST_ONCE
-from loom.config.interpolation import MissingVariableError, interpolate
+from loom.config.interpolation import interpolate
 from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
+from loom.errors import MissingVariableError
+from loom.errors import SettingsError as SettingsError  # noqa: PLC0414 (re-export)
 
 PREFIX = "LOOM_"
 _SECTIONS = ("kafka", "topics", "runtime", "observability", "config_file")
@@ -42,14 +44,6 @@ _TOP_LEVEL = ("config_file", "log_level")
 """Variables outside the config sections (the log level is read by the service)."""
 _CLUSTER_KEYS = ("process_id_from_hostname", "replicas", "cluster_service", "cluster_port")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-class SettingsError(ValueError):
-    """Invalid settings; ``problems`` has one line per bad variable."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 class _Environment(BaseSettings):

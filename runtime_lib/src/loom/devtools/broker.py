@@ -22,9 +22,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-
-class DevBrokerError(RuntimeError):
-    """The development broker could not start."""
+from loom.errors import DevBrokerError as DevBrokerError  # noqa: PLC0414 (re-export)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

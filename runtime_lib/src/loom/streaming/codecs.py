@@ -14,13 +14,10 @@ from typing import Any, Protocol
 import msgspec
 import pydantic
 
+from loom.errors import DecodeError as DecodeError  # noqa: PLC0414 (re-export)
 from loom.streaming.nodes import CodecName
 
 CODEC_NAMES: tuple[CodecName, ...] = ("json", "msgpack", "raw")
-
-
-class DecodeError(ValueError):
-    """The bytes are not a valid encoding of the payload type."""
 
 
 class Codec(Protocol):

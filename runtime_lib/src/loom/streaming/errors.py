@@ -1,13 +1,18 @@
-"""Error kinds, the dead-letter envelope and the exceptions Loom raises."""
+"""Error kinds and the dead-letter envelope.
+
+``BusinessError`` and ``FlowValidationError`` are defined in :mod:`loom.errors`
+(with every other exception of Loom) and importable from here too.
+"""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from datetime import datetime
 
 import msgspec
 
+from loom.errors import BusinessError as BusinessError  # noqa: PLC0414 (re-export)
+from loom.errors import FlowValidationError as FlowValidationError  # noqa: PLC0414 (re-export)
 from loom.streaming.message import Headers
 
 
@@ -30,14 +35,6 @@ class ErrorKind(enum.StrEnum):
     """The broker refused an output record permanently."""
     TIMEOUT = "timeout"
     """An async step exceeded its ``timeout_ms``."""
-
-
-class BusinessError(Exception):
-    """Raise from a step to reject a record for a domain reason.
-
-    Routed as :attr:`ErrorKind.BUSINESS` instead of ``TASK``, so expected
-    refusals ("unknown customer") are told apart from bugs.
-    """
 
 
 class ErrorEnvelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,15 +76,3 @@ TRACEBACK_FRAMES = 10
 """Frames an envelope's ``traceback`` keeps (the innermost ones)."""
 TRACEBACK_MAX_CHARS = 4000
 """Upper bound of an envelope's ``traceback``; longer ones lose outer lines first."""
-
-
-class FlowValidationError(ValueError):
-    """A flow declaration cannot run; ``problems`` lists every reason at once."""
-
-    def __init__(self, flow_name: str, problems: Sequence[str]) -> None:
-        self.flow_name = flow_name
-        self.problems = tuple(problems)
-        lines = "\n".join(f"  - {problem}" for problem in self.problems)
-        count = len(self.problems)
-        noun = "problem" if count == 1 else "problems"
-        super().__init__(f"flow {flow_name!r} is invalid ({count} {noun}):\n{lines}")

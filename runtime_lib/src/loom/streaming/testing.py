@@ -27,6 +27,7 @@ import msgspec
 from loom.config.context import ConfigContext
 from loom.delivery.acks import Ack
 from loom.delivery.transport import FailureReport, Origin, OutRecord
+from loom.errors import MessageTooLarge as MessageTooLarge  # noqa: PLC0414 (re-export)
 from loom.observability import ObservabilityRuntime
 from loom.streaming.bytewax.runner import BytewaxRuntimeConfig, StreamingRunner
 from loom.streaming.codecs import build_codec
@@ -181,10 +182,6 @@ class MemoryReader:
 
     def close(self) -> None:
         return None
-
-
-class MessageTooLarge(Exception):
-    """The broker refuses a value above its ``max_message_bytes``."""
 
 
 class MemoryWriter:

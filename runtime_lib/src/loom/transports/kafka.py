@@ -40,7 +40,7 @@ from loom.config.context import KafkaSettings
 from loom.config.settings import SettingsError
 from loom.delivery.acks import Ack, release_all
 from loom.delivery.transport import FailureReport, Origin, OutRecord
-from loom.errors import StartupError
+from loom.errors import KafkaStartupError as KafkaStartupError  # noqa: PLC0414 (re-export)
 
 logger = logging.getLogger("loom.transports.kafka")
 client_logger = logging.getLogger("loom.transports.kafka.librdkafka")
@@ -72,10 +72,6 @@ BACKPRESSURE_POLL_S = 0.05
 METADATA_ROUND_S = 0.25
 """Longest single metadata request while waiting for the broker at start-up."""
 CLOSE_FLUSH_TIMEOUT_S = 30.0
-
-
-class KafkaStartupError(StartupError):
-    """The flow cannot start against this cluster; the message says why."""
 
 
 def _admin(settings: KafkaSettings) -> AdminClient:

@@ -21,6 +21,7 @@ from opentelemetry.trace import Span
 
 from loom.delivery.acks import Ack
 from loom.delivery.transport import Origin
+from loom.errors import AsyncTimeout as AsyncTimeout  # noqa: PLC0414 (re-export)
 from loom.streaming.errors import (
     TRACEBACK_FRAMES,
     TRACEBACK_MAX_CHARS,
@@ -62,10 +63,6 @@ class Rec(msgspec.Struct, gc=False):
     headers: Headers | None = None
     span: Span | None = None
     """The record's trace span when its input carried a ``traceparent``."""
-
-    def child(self, value: Any) -> Rec:
-        """A derived record sharing origin and ack (the caller retains the ack)."""
-        return Rec(value, self.origin, self.ack, None, self.key, self.headers, self.span)
 
     def set_result(self, value: Any) -> None:
         """Store a step's result; a returned ``Message`` also sets key and headers."""
@@ -151,18 +148,6 @@ class Outbound(NamedTuple):
 
 _fallback_encoder = msgspec.json.Encoder(enc_hook=repr)
 _TRACED_KINDS = frozenset((ErrorKind.TASK, ErrorKind.BUSINESS, ErrorKind.TIMEOUT))
-
-
-class AsyncTimeout(Exception):
-    """An async step ran longer than its ``timeout_ms``.
-
-    ``stack`` is where the call was waiting when it was cancelled (the
-    exception itself is raised by Loom, outside the step's code).
-    """
-
-    def __init__(self, message: str, stack: str | None = None) -> None:
-        super().__init__(message)
-        self.stack = stack
 
 
 _EVENT_LOOP_PACKAGES = ("asyncio", "anyio", "trio", "outcome", "uvloop", "sniffio")
