@@ -13,8 +13,8 @@ from loom.streaming import (
     RecordStep,
     compile_flow,
 )
-from loom.streaming.bytewax.source import FlowSource, SourceSettings
-from loom.streaming.bytewax.state import RunState
+from loom.streaming.bytewax.source import FlowSource
+from loom.streaming.bytewax.worker import RunState, SourceSettings
 from loom.streaming.testing import MemoryBroker, MemoryTransport, TestRunner
 from tests.runtime.payloads import Order, enrich_flow, orders
 
@@ -89,7 +89,7 @@ def test_the_commit_point_never_jumps_over_an_unfinished_offset() -> None:
     assert progress.committable() == {0: 1}
     acks[1].release()
     assert progress.committable() == {0: 4}
-    assert progress.in_flight == 1
+    assert progress.advance() == 1
 
 
 def test_a_batch_releases_its_members_only_when_all_outputs_finish() -> None:
@@ -112,7 +112,7 @@ def test_the_source_stops_reading_when_in_flight_records_reach_the_limit() -> No
     for index in range(100):
         broker.produce("input", b'{"id": "%d", "amount": 1}' % index)
     settings = SourceSettings(max_poll_records=8, max_in_flight=20)
-    source = FlowSource(plan, MemoryTransport(broker), RunState(), settings)
+    source = FlowSource(plan, MemoryTransport(broker), RunState(settings))
     partition = source.build("from_input", 0, 1)
     read = 0
     for _ in range(10):  # nothing downstream finishes these records

@@ -128,9 +128,11 @@ class WorkerProgress:
             progress = self._partitions[partition] = PartitionProgress(partition)
         return progress
 
-    @property
-    def in_flight(self) -> int:
-        """Offsets consumed and not yet finished (the source bounds this)."""
+    def advance(self) -> int:
+        """Drop every partition's finished prefix; return the records still in flight.
+
+        The source bounds what is in flight with this count.
+        """
         return sum(progress.advance() for progress in self._partitions.values())
 
     def committable(self) -> dict[int, int]:
@@ -142,7 +144,3 @@ class WorkerProgress:
                 moved[partition] = progress.uncommitted
                 progress.uncommitted = None
         return moved
-
-    def forget(self, partition: int) -> None:
-        """Stop tracking a partition this worker no longer owns."""
-        self._partitions.pop(partition, None)

@@ -25,15 +25,17 @@ from typing import Any, TypeVar
 import msgspec
 
 from loom.config.context import ConfigContext
+from loom.config.delivery import AT_LEAST_ONCE
 from loom.delivery.acks import Ack
 from loom.delivery.transport import FailureReport, Origin, OutRecord
 from loom.errors import MessageTooLarge as MessageTooLarge  # noqa: PLC0414 (re-export)
 from loom.observability import ObservabilityRuntime
 from loom.streaming.bytewax.runner import BytewaxRuntimeConfig, StreamingRunner
 from loom.streaming.codecs import build_codec
+from loom.streaming.compiler import logical_topics
 from loom.streaming.errors import ErrorEnvelope
 from loom.streaming.message import Headers
-from loom.streaming.nodes import FromTopic, IntoTopic, Process, Router, StreamFlow
+from loom.streaming.nodes import StreamFlow
 
 T = TypeVar("T")
 
@@ -263,27 +265,13 @@ class RunResult:
         return self.broker.committed(self.physical(topic))
 
 
-def _logical_topics(flow: StreamFlow[Any, Any]) -> set[str]:
-    topics = {flow.source.topic}
-    pending: list[Any] = [*flow.process.nodes, flow.output]
-    errors = flow.errors
-    pending += list(errors.values()) if isinstance(errors, Mapping) else [errors]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, IntoTopic | FromTopic):
-            topics.add(node.topic)
-        elif isinstance(node, Process):
-            pending += node.nodes
-        elif isinstance(node, Router):
-            pending += [route.to for route in node.routes] + [node.default]
-    return topics
-
-
 class TestRunner:
     """Feed a flow in-memory records and run it to completion on Bytewax.
 
     Logical topics are bound to physical topics of the same name unless
-    ``config`` binds them.
+    ``config`` binds them. Commits are at-least-once, as a service's, unless
+    ``config`` (a mapping) sets ``kafka.delivery_guarantee``; a
+    :class:`ConfigContext` is used as it is.
     """
 
     __test__ = False  # not a pytest test class
@@ -300,9 +288,10 @@ class TestRunner:
         if not isinstance(config, ConfigContext):
             data = dict(config or {})
             data["topics"] = {
-                **{t: t for t in _logical_topics(flow)},
+                **{t: t for t in logical_topics(flow)},
                 **data.get("topics", {}),
             }
+            data["kafka"] = {"delivery_guarantee": AT_LEAST_ONCE, **data.get("kafka", {})}
             config = ConfigContext.from_dict(data)
         self.config = config
         self.flow = flow

@@ -133,13 +133,10 @@ class KafkaReader:
         consumer: Consumer,
         topic: str,
         partitions: list[int],
-        *,
-        manual_commits: bool,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
         self.partitions = partitions
-        self.manual_commits = manual_commits
         self._last_error: str | None = None
         if partitions:
             consumer.assign([TopicPartition(topic, p, OFFSET_STORED) for p in partitions])
@@ -168,8 +165,6 @@ class KafkaReader:
             self._last_error = text
 
     def commit(self, offsets: Mapping[int, int]) -> None:
-        if not self.manual_commits:
-            return
         self.consumer.commit(
             offsets=[TopicPartition(self.topic, p, offset) for p, offset in offsets.items()],
             asynchronous=True,
@@ -490,7 +485,6 @@ class KafkaTransport:
             Consumer(config),
             topic,
             partitions,
-            manual_commits=not self.delivery.auto_commit,
         )
 
     def writer(self, topic: str, worker_index: int, report: FailureReport) -> KafkaWriter:

@@ -40,8 +40,8 @@ from loom.streaming.bytewax.operators import (
 )
 from loom.streaming.bytewax.outputs import AckingSink, TopicSink
 from loom.streaming.bytewax.records import Chunk, Failure, Outbound
-from loom.streaming.bytewax.source import FlowSource, SourceSettings
-from loom.streaming.bytewax.state import RunState
+from loom.streaming.bytewax.source import FlowSource
+from loom.streaming.bytewax.worker import RunState
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import (
     AsyncPlan,
@@ -101,7 +101,6 @@ class DataflowBuilder:
         error_sinks: Mapping[ErrorKind, DynamicSink[Any]],
         bridge: AsyncBridge | None,
         run: RunState,
-        settings: SourceSettings,
         observability: ObservabilityRuntime | None = None,
         recovery: bool = False,
     ) -> None:
@@ -112,7 +111,6 @@ class DataflowBuilder:
         self.error_sinks = error_sinks
         self.bridge = bridge
         self.run = run
-        self.settings = settings
         self.observability = observability
         self.recovery = recovery
         self._failure_streams: list[Stream[list[Failure]]] = []
@@ -127,7 +125,7 @@ class DataflowBuilder:
         chunks = op.input(
             self.plan.source.node_id,
             flow,
-            FlowSource(self.plan, self.source, self.run, self.settings, self.observability),
+            FlowSource(self.plan, self.source, self.run, self.observability),
         )
         self._branch(self.plan.root, chunks)
         failures = op.merge("failures", *self._failure_streams)

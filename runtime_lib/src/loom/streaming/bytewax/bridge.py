@@ -40,7 +40,7 @@ from loom.streaming.bytewax.records import (
     failures_for,
     format_traceback,
 )
-from loom.streaming.bytewax.state import RunState
+from loom.streaming.bytewax.worker import RunState
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import AsyncPlan
 

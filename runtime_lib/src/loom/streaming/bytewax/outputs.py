@@ -10,7 +10,7 @@ from prometheus_client import Counter
 from loom.delivery.acks import Ack
 from loom.delivery.transport import OutRecord, Transport, TransportWriter
 from loom.streaming.bytewax.records import Outbound, failures_for
-from loom.streaming.bytewax.state import RunState
+from loom.streaming.bytewax.worker import RunState
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import TopicBinding
 
@@ -45,12 +45,15 @@ class TopicSink(DynamicSink[Outbound]):
         def refused(record: OutRecord, ack: Ack, error: BaseException) -> None:
             source = record[3]
             if source is None:
-                worker.fatal = RuntimeError(
-                    f"{self.node}: the broker refused a dead letter for "
-                    f"{self.binding.physical!r}: {error}"
+                worker.feedback.fail(
+                    RuntimeError(
+                        f"{self.node}: the broker refused a dead letter for "
+                        f"{self.binding.physical!r}: {error}"
+                    )
                 )
                 return
-            worker.report(failures_for(self.flow, self.node, ErrorKind.DELIVERY, source, error))
+            failures = failures_for(self.flow, self.node, ErrorKind.DELIVERY, source, error)
+            worker.feedback.refused(failures)
 
         writer = self.transport.writer(self.binding.physical, worker_index, refused)
         worker.writers.append(writer)

@@ -25,8 +25,7 @@ from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.server import ProbeServer
 from loom.streaming.bytewax.adapter import DataflowBuilder
 from loom.streaming.bytewax.bridge import AsyncBridge
-from loom.streaming.bytewax.source import SourceSettings
-from loom.streaming.bytewax.state import RunState
+from loom.streaming.bytewax.worker import CommitPolicy, RunState, SourceSettings
 from loom.streaming.compiler import compile_flow
 from loom.streaming.errors import ErrorEnvelope, ErrorKind
 from loom.streaming.nodes import StreamFlow
@@ -144,7 +143,6 @@ def _prepare_run(
     error_sinks: Mapping[ErrorKind, DynamicSink[Any]] | None = None,
     named_sinks: Mapping[str, DynamicSink[Any]] | None = None,
     bridge: AsyncBridge | None = None,
-    settings: SourceSettings | None = None,
     run_state: RunState | None = None,
     observability: ObservabilityRuntime | None = None,
     recovery: bool = False,
@@ -159,7 +157,6 @@ def _prepare_run(
         error_sinks=error_sinks or {},
         bridge=bridge,
         run=run,
-        settings=settings or SourceSettings(),
         observability=observability,
         recovery=recovery,
     ).build()
@@ -338,9 +335,11 @@ class StreamingRunner:
         }
         transport = self._transport = self._transport or self._kafka_transport()
         bridge = _create_bridge(plan, runtime)
-        run_state = RunState()
-        run_state.expected_workers = runtime.workers_per_process
-        run_state.recovery = runtime.recovery is not None
+        run_state = RunState(
+            self._source_settings(runtime),
+            expected_workers=runtime.workers_per_process,
+            recovery=runtime.recovery is not None,
+        )
         try:
             prepared = _prepare_run(
                 plan,
@@ -349,7 +348,6 @@ class StreamingRunner:
                 error_sinks=dict(error_sinks or {}),  # type: ignore[arg-type]
                 named_sinks=named_sinks,
                 bridge=bridge,
-                settings=self._source_settings(runtime),
                 run_state=run_state,
                 observability=(
                     self._observability if self._observability.instrument_dataflow else None
@@ -496,12 +494,14 @@ class StreamingRunner:
         return self._runtime_override or self.config.runtime
 
     def _source_settings(self, runtime: BytewaxRuntimeConfig) -> SourceSettings:
-        """Drain within the force-shutdown timeout; commit as often as
-        ``auto.commit.interval.ms`` says (default 1 s)."""
+        """The run's policies, decided here once: commits follow the delivery
+        guarantee, at most as often as ``auto.commit.interval.ms`` says (default
+        1 s); a drain waits at most the force-shutdown timeout."""
         timeout_ms = runtime.force_shutdown_timeout_ms
-        interval_ms = self.config.kafka.consumer.get("auto.commit.interval.ms", 1000)
+        kafka = self.config.kafka
+        interval_ms = int(kafka.consumer.get("auto.commit.interval.ms", 1000))
         return SourceSettings(
-            commit_interval_s=int(interval_ms) / 1000,
+            commits=CommitPolicy.for_delivery(kafka.delivery, interval_ms),
             drain_timeout_s=None if timeout_ms is None else timeout_ms / 1000,
         )
 
