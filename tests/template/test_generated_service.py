@@ -526,7 +526,7 @@ def test_the_service_installs_and_passes_its_checks_and_its_own_tests(
         "loom", "graph", f"{package}.flow:flow", "--readme", "README.md", "--check", cwd=path
     )
     output = service_venv.run("python", "-m", "pytest", "-p", "no:cacheprovider", cwd=path)
-    # Flow (3), README diagram (1), service process (2), deployment files (2, +2 for k8s):
-    # all of them ran, none skipped.
-    expected = 8 + (2 if variant.include_k8s else 0)
-    assert re.search(rf"^=+ {expected} passed in ", output, re.M), output
+    # Flow, README diagram, service process, deployment files (k8s/ too where
+    # rendered): every test ran and passed, none skipped, none expected to fail.
+    [summary] = re.findall(r"^=+ (.*) in [0-9.]+s\b.*=+$", output, re.M)
+    assert re.fullmatch(r"\d+ passed", summary), output
