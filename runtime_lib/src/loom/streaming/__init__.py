@@ -1,5 +1,6 @@
 """Declarative stream processing: describe a flow, compile it, run it on Bytewax."""
 
+from loom.streaming import nodetypes  # noqa: F401 - registers the built-in node types
 from loom.streaming.compiler import compile_flow
 from loom.streaming.errors import BusinessError, ErrorEnvelope, ErrorKind, FlowValidationError
 from loom.streaming.message import Message, MessageMeta

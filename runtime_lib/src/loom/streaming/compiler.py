@@ -27,38 +27,24 @@ from loom.streaming.codecs import build_codec
 from loom.streaming.errors import ErrorKind, FlowValidationError
 from loom.streaming.message import Message
 from loom.streaming.nodes import (
-    BatchStep,
-    CollectBatch,
-    Drain,
-    ExpandStep,
     FromTopic,
-    IntoSink,
     IntoTopic,
     Node,
     Process,
-    RecordStep,
-    Router,
     StreamFlow,
-    WithAsync,
     display_name,
 )
 from loom.streaming.plan import (
-    AsyncPlan,
     BranchPlan,
     ChainPlan,
-    CollectPlan,
-    DrainPlan,
     FlowPlan,
-    NamedSinkPlan,
-    RoutePlan,
     RouterPlan,
     SourcePlan,
     StepKind,
-    StepPlan,
     TerminalPlan,
     TopicBinding,
-    TopicSinkPlan,
 )
+from loom.streaming.registry import node_type_of
 
 UNKNOWN: Any = object()
 """The payload type at a point of the flow when annotations do not tell it."""
@@ -86,7 +72,7 @@ class _Signature:
 
 
 @dataclass
-class _Stream:
+class Stream:
     """The state of records between two nodes: their type and whether batched."""
 
     payload: Any
@@ -94,7 +80,7 @@ class _Stream:
 
 
 @dataclass
-class _Compiler:
+class Compiler:
     flow: StreamFlow[Any, Any]
     config: ConfigContext
     problems: list[str] = field(default_factory=list)
@@ -136,27 +122,14 @@ class _Compiler:
             return None
         return TopicBinding(declared.topic, physical, codec, declared.payload)
 
-    def terminal(self, node: Node, stream: _Stream | None, where: str) -> TerminalPlan | None:
-        if isinstance(node, IntoTopic):
-            node_id = self.claim_id(f"into_{node.topic}")
-            binding = self.bind(f"IntoTopic {node.topic!r} ({where})", node)
-            if stream is not None:
-                self.check_type(stream, node.payload, f"IntoTopic {node.topic!r}")
-            return TopicSinkPlan(node_id, binding) if binding else None
-        if isinstance(node, IntoSink):
-            node_id = self.claim_id(f"sink_{node.sink}")
-            settings = self.config.streaming.sinks.get(node.sink)
-            if settings is None:
-                self.problem(
-                    f"IntoSink {node.sink!r} ({where}): no sink named {node.sink!r} "
-                    "under streaming.sinks in the config"
-                )
-                return None
-            return NamedSinkPlan(node_id, node.sink, settings.type, dict(settings.options))
-        if isinstance(node, Drain):
-            return DrainPlan(self.claim_id(node.name or "drain"))
-        self.problem(f"{where}: {node!r} is not a terminal (IntoTopic, IntoSink or Drain)")
-        return None
+    def terminal(self, node: Any, stream: Stream | None, where: str) -> TerminalPlan | None:
+        """Compile a terminal: the end of a branch, an output or an error route."""
+        spec = node_type_of(node)
+        if spec is None or spec.role != "terminal":
+            self.problem(f"{where}: {node!r} is not a terminal (IntoTopic, IntoSink or Drain)")
+            return None
+        plan: TerminalPlan | None = spec.compile(self, node, stream, where)
+        return plan
 
     # -- steps ------------------------------------------------------------
 
@@ -183,7 +156,7 @@ class _Compiler:
             accepts = _unwrap_message(accepts)
         return _Signature(is_async, takes_message, accepts, hints.get("return", UNKNOWN))
 
-    def check_type(self, stream: _Stream, expected: Any, where: str) -> None:
+    def check_type(self, stream: Stream, expected: Any, where: str) -> None:
         actual = stream.payload
         if stream.batched:
             expected = _element_type(expected, UNKNOWN)
@@ -193,73 +166,23 @@ class _Compiler:
                 "from the previous node"
             )
 
-    def step(self, node: RecordStep | ExpandStep | BatchStep, stream: _Stream) -> ChainPlan | None:
-        kind: StepKind = _STEP_KINDS[type(node)]
-        node_id = self.claim_id(node.name or display_name(node.fn))
-        where = f"{type(node).__name__} {node_id!r}"
-        sig = self.signature(node.fn, where)
-        self.check_batching(kind, stream, where)
-        if sig is None:
-            return None
-        if sig.is_async:
-            self.problem(
-                f"{where}: {display_name(node.fn)} is async; wrap the step in WithAsync(...)"
-            )
-        self.check_type(stream, sig.accepts, where)
-        self.advance(stream, kind, sig.returns)
-        return StepPlan(node_id, kind, node.fn, sig.takes_message)
-
-    def with_async(self, node: WithAsync, stream: _Stream) -> ChainPlan | None:
-        inner = node.fn
-        fn = inner.fn if isinstance(inner, RecordStep | ExpandStep | BatchStep) else inner
-        kind: StepKind = _STEP_KINDS.get(type(inner), "batch" if stream.batched else "record")
-        node_id = self.claim_id(node.name or getattr(inner, "name", None) or display_name(fn))
-        where = f"WithAsync {node_id!r}"
-        if node.max_concurrency < 1:
-            self.problem(f"{where}: max_concurrency must be >= 1, got {node.max_concurrency}")
-        if node.timeout_ms is not None and node.timeout_ms < 1:
-            self.problem(f"{where}: timeout_ms must be >= 1 or None, got {node.timeout_ms}")
-        self.check_batching(kind, stream, where)
-        sig = self.signature(fn, where)
-        if sig is None:
-            return None
-        if not sig.is_async:
-            self.problem(f"{where}: {display_name(fn)} is not an async function (use RecordStep)")
-        self.check_type(stream, sig.accepts, where)
-        self.advance(stream, kind, sig.returns)
-        return AsyncPlan(
-            node_id, kind, fn, sig.takes_message, node.max_concurrency, node.timeout_ms
-        )
-
-    def check_batching(self, kind: StepKind, stream: _Stream, where: str) -> None:
+    def check_batching(self, kind: StepKind, stream: Stream, where: str) -> None:
         if kind == "batch" and not stream.batched:
             self.problem(f"{where}: a batch step needs a CollectBatch right before it")
         if kind != "batch" and stream.batched:
             self.problem(f"{where}: receives batches from CollectBatch; use BatchStep")
 
-    def advance(self, stream: _Stream, kind: StepKind, returns: Any) -> None:
+    def advance(self, stream: Stream, kind: StepKind, returns: Any) -> None:
         stream.batched = False
         if kind == "record":
             stream.payload = _unwrap_message(_strip_optional(returns))
         else:
             stream.payload = _unwrap_message(_element_type(returns, UNKNOWN))
 
-    def collect(self, node: CollectBatch, stream: _Stream) -> ChainPlan:
-        node_id = self.claim_id(node.name or "collect_batch")
-        where = f"CollectBatch {node_id!r}"
-        if node.max_records < 1:
-            self.problem(f"{where}: max_records must be >= 1, got {node.max_records}")
-        if node.timeout_ms < 1:
-            self.problem(f"{where}: timeout_ms must be >= 1, got {node.timeout_ms}")
-        if stream.batched:
-            self.problem(f"{where}: follows another CollectBatch")
-        stream.batched = True
-        return CollectPlan(node_id, node.max_records, node.timeout_ms)
-
     # -- structure --------------------------------------------------------
 
     def branch(
-        self, nodes: tuple[Any, ...], stream: _Stream, where: str, output: Node | None = None
+        self, nodes: tuple[Any, ...], stream: Stream, where: str, output: Node | None = None
     ) -> BranchPlan | None:
         steps: list[ChainPlan] = []
         end: TerminalPlan | RouterPlan | None = None
@@ -271,27 +194,18 @@ class _Compiler:
                     f"{ended_by}; a terminal or router must be last"
                 )
                 continue
-            if isinstance(node, RecordStep | ExpandStep | BatchStep):
-                plan: ChainPlan | None = self.step(node, stream)
-            elif isinstance(node, WithAsync):
-                plan = self.with_async(node, stream)
-            elif isinstance(node, CollectBatch):
-                plan = self.collect(node, stream)
-            elif isinstance(node, Router):
-                self.check_batching("record", stream, "Router")
-                end = self.router(node, stream, where)
-                ended_by = "Router"
-                continue
-            elif isinstance(node, IntoTopic | IntoSink | Drain):
-                self.check_batching("record", stream, type(node).__name__)
-                end = self.terminal(node, stream, where)
-                ended_by = type(node).__name__
-                continue
-            else:
+            spec = node_type_of(node)
+            if spec is None:
                 self.problem(f"{where}: {node!r} is not a flow node")
                 continue
-            if plan is not None:
-                steps.append(plan)
+            if spec.role == "step":
+                plan: ChainPlan | None = spec.compile(self, node, stream, where)
+                if plan is not None:
+                    steps.append(plan)
+                continue
+            self.check_batching("record", stream, type(node).__name__)
+            end = spec.compile(self, node, stream, where)
+            ended_by = type(node).__name__
         if output is not None:
             if ended_by is not None:
                 self.problem(
@@ -311,28 +225,9 @@ class _Compiler:
             return None
         return BranchPlan(tuple(steps), end)
 
-    def router(self, node: Router, stream: _Stream, where: str) -> RouterPlan | None:
-        node_id = self.claim_id(node.name or "router")
-        if not node.routes and node.default is None:
-            self.problem(f"Router {node_id!r}: has no routes")
-        routes: list[RoutePlan] = []
-        for index, route in enumerate(node.routes):
-            route_where = f"route {index} of Router {node_id!r}"
-            if not callable(route.when):
-                self.problem(f"{route_where}: when={route.when!r} is not callable")
-            branch = self.route_target(route.to, stream, route_where)
-            if branch is not None and callable(route.when):
-                routes.append(RoutePlan(route.when, branch))
-        default = None
-        if node.default is not None:
-            default = self.route_target(node.default, stream, f"default of Router {node_id!r}")
-        if len(routes) != len(node.routes):
-            return None
-        return RouterPlan(node_id, tuple(routes), default)
-
-    def route_target(self, target: Any, stream: _Stream, where: str) -> BranchPlan | None:
+    def route_target(self, target: Any, stream: Stream, where: str) -> BranchPlan | None:
         nodes = target.nodes if isinstance(target, Process) else (target,)
-        return self.branch(nodes, _Stream(stream.payload), where)
+        return self.branch(nodes, Stream(stream.payload), where)
 
     def error_routes(self) -> dict[ErrorKind, TerminalPlan]:
         declared = self.flow.errors
@@ -380,15 +275,12 @@ class _Compiler:
             self.problem(f"process must be Process(...), got {flow.process!r}")
             raise FlowValidationError(str(flow.name), self.problems)
         root = self.branch(
-            flow.process.nodes, _Stream(flow.source.payload or UNKNOWN), "process", flow.output
+            flow.process.nodes, Stream(flow.source.payload or UNKNOWN), "process", flow.output
         )
         errors = self.error_routes()
         if self.problems or source is None or root is None:
             raise FlowValidationError(flow.name, self.problems or ["flow is incomplete"])
         return FlowPlan(flow.name, SourcePlan(source_id, source), root, errors, self.node_count)
-
-
-_STEP_KINDS: dict[type, StepKind] = {RecordStep: "record", ExpandStep: "expand", BatchStep: "batch"}
 
 
 def compile_flow(
@@ -404,7 +296,7 @@ def compile_flow(
     """
     if not isinstance(config, ConfigContext):
         config = ConfigContext.from_dict(config)
-    return _Compiler(flow, config).compile()
+    return Compiler(flow, config).compile()
 
 
 def logical_topics(flow: StreamFlow[Any, Any]) -> tuple[str, ...]:
@@ -413,7 +305,7 @@ def logical_topics(flow: StreamFlow[Any, Any]) -> tuple[str, ...]:
     The compiler's own walk, run without bindings: the environment contract
     (``loom env``) is derived from the same rules that check a deployment.
     """
-    compiler = _Compiler(flow, ConfigContext())
+    compiler = Compiler(flow, ConfigContext())
     with contextlib.suppress(FlowValidationError):
         compiler.compile()
     return tuple(compiler.declared_topics)

@@ -116,6 +116,16 @@ class BranchPlan:
         else:
             yield self.end
 
+    def nodes(self) -> Iterator[Any]:
+        """Every plan node of this branch and the branches below it: steps, routers, terminals."""
+        yield from self.steps
+        yield self.end
+        if isinstance(self.end, RouterPlan):
+            for route in self.end.routes:
+                yield from route.branch.nodes()
+            if self.end.default is not None:
+                yield from self.end.default.nodes()
+
     def chain_nodes(self) -> Iterator[ChainPlan]:
         """Every step in this branch and the branches below it."""
         yield from self.steps

@@ -11,7 +11,7 @@ between workers, which is what lets acks live in plain Python objects):
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from operator import itemgetter
 from typing import Any
 
@@ -46,16 +46,17 @@ from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import (
     AsyncPlan,
     BranchPlan,
-    ChainPlan,
     CollectPlan,
     DrainPlan,
     FlowPlan,
     NamedSinkPlan,
     RouterPlan,
+    StepPlan,
     TerminalPlan,
     TopicBinding,
     TopicSinkPlan,
 )
+from loom.streaming.registry import node_types
 
 
 def _failures_of(outbound: Outbound) -> list[Failure] | None:
@@ -146,21 +147,44 @@ class DataflowBuilder:
 
     def _branch(self, branch: BranchPlan, stream: Stream[Chunk]) -> None:
         for step in branch.steps:
-            operator = self._operator(step)
-            if not isinstance(step, AsyncPlan):  # async steps time each call themselves
-                operator = self._timed(step.node_id, operator)
-            stream = op.map(step.node_id, stream, operator)
-        end = branch.end
-        if isinstance(end, RouterPlan):
-            router = RouterOp(self.plan.name, end)
-            split = op.map(end.node_id, stream, router)
-            targets = [route.branch for route in end.routes]
-            if end.default is not None:
-                targets.append(end.default)
-            for index, target in enumerate(targets):
-                self._branch(target, op.map(f"{end.node_id}__{index}", split, itemgetter(index)))
-        else:
-            self._terminal(end, stream)
+            stream = self._node(step, stream)
+        self._node(branch.end, stream)
+
+    def _node(self, node: Any, stream: Stream[Chunk]) -> Any:
+        """The operators of one plan node, by its registered builder."""
+        return _OPERATORS[type(node)](self, node, stream)
+
+    def map_step(
+        self, node_id: str, stream: Stream[Chunk], operator: ChunkOp, *, timed: bool = True
+    ) -> Stream[Chunk]:
+        """Run a step's ``operator`` on every chunk (timed into ``loom_step_seconds``)."""
+        if timed:
+            operator = self._timed(node_id, operator)
+        return op.map(node_id, stream, operator)
+
+    # -- the built-in operators (registered at the end of the module) -------
+
+    def _step(self, step: StepPlan, stream: Stream[Chunk]) -> Stream[Chunk]:
+        if step.kind == "record":
+            return self.map_step(step.node_id, stream, RecordOp(self.plan.name, step, self.metrics))
+        return self.map_step(step.node_id, stream, ExpandOp(self.plan.name, step, self.metrics))
+
+    def _async(self, step: AsyncPlan, stream: Stream[Chunk]) -> Stream[Chunk]:
+        if self.bridge is None:
+            raise RuntimeError(f"{step.node_id} is async but the run has no AsyncBridge")
+        operator = AsyncOp(self.plan.name, step, self.bridge, self.run, self.metrics)
+        return self.map_step(step.node_id, stream, operator, timed=False)  # times each call
+
+    def _collect(self, step: CollectPlan, stream: Stream[Chunk]) -> Stream[Chunk]:
+        return self.map_step(step.node_id, stream, CollectOp(step))
+
+    def _router(self, end: RouterPlan, stream: Stream[Chunk]) -> None:
+        split = op.map(end.node_id, stream, RouterOp(self.plan.name, end))
+        targets = [route.branch for route in end.routes]
+        if end.default is not None:
+            targets.append(end.default)
+        for index, target in enumerate(targets):
+            self._branch(target, op.map(f"{end.node_id}__{index}", split, itemgetter(index)))
 
     def _timed(self, node: str, operator: ChunkOp) -> ChunkOp:
         """Observe the step's time per record: every record at the chunk's mean, once per chunk."""
@@ -187,32 +211,29 @@ class DataflowBuilder:
             self.sink, binding, self.run, flow=self.plan.name, node=node, produced=produced
         )
 
-    def _operator(self, step: ChainPlan) -> Any:
-        if isinstance(step, CollectPlan):
-            return CollectOp(step)
-        if isinstance(step, AsyncPlan):
-            if self.bridge is None:
-                raise RuntimeError(f"{step.node_id} is async but the run has no AsyncBridge")
-            return AsyncOp(self.plan.name, step, self.bridge, self.run, self.metrics)
-        if step.kind == "record":
-            return RecordOp(self.plan.name, step, self.metrics)
-        return ExpandOp(self.plan.name, step, self.metrics)
+    def end(self, node_id: str, outbound: Stream[Outbound]) -> None:
+        """Route the failures a terminal's operators produced to the error routes."""
+        self._failure_streams.append(op.filter_map(f"{node_id}__failures", outbound, _failures_of))
 
-    def _terminal(self, terminal: TerminalPlan, stream: Stream[Chunk]) -> None:
+    def _into_topic(self, terminal: TopicSinkPlan, stream: Stream[Chunk]) -> None:
         node = terminal.node_id
-        if isinstance(terminal, TopicSinkPlan):
-            encode = EncodeOp(self.plan.name, node, terminal.binding)
-            outbound = op.map(f"{node}__encode", stream, encode)
-            self._output(node, outbound, self._topic_sink(terminal.binding, node))
-        elif isinstance(terminal, NamedSinkPlan):
-            outbound = op.map(f"{node}__messages", stream, to_messages)
-            self._output(node, outbound, AckingSink(self.named_sinks[terminal.name]))
-        else:
-            dropped = None
-            if self.metrics is not None:
-                dropped = self.metrics.dropped.labels(self.plan.name, node, DropReason.DRAINED)
-            outbound = op.map(node, stream, DrainOp(dropped))
-        self._failure_streams.append(op.filter_map(f"{node}__failures", outbound, _failures_of))
+        encode = EncodeOp(self.plan.name, node, terminal.binding)
+        outbound = op.map(f"{node}__encode", stream, encode)
+        self._output(node, outbound, self._topic_sink(terminal.binding, node))
+        self.end(node, outbound)
+
+    def _into_sink(self, terminal: NamedSinkPlan, stream: Stream[Chunk]) -> None:
+        node = terminal.node_id
+        outbound = op.map(f"{node}__messages", stream, to_messages)
+        self._output(node, outbound, AckingSink(self.named_sinks[terminal.name]))
+        self.end(node, outbound)
+
+    def _drain(self, terminal: DrainPlan, stream: Stream[Chunk]) -> None:
+        node = terminal.node_id
+        dropped = None
+        if self.metrics is not None:
+            dropped = self.metrics.dropped.labels(self.plan.name, node, DropReason.DRAINED)
+        self.end(node, op.map(node, stream, DrainOp(dropped)))
 
     # -- errors -----------------------------------------------------------
 
@@ -253,3 +274,48 @@ class DataflowBuilder:
             self._output(f"{node}__sink", outbound, AckingSink(self.named_sinks[terminal.name]))
         elif isinstance(terminal, DrainPlan):
             op.map(f"{node}__drain", failures, drain_errors)
+
+
+Operator = Callable[[DataflowBuilder, Any, Stream[Chunk]], Stream[Chunk] | None]
+"""Builds the Bytewax operators of one plan node: a step returns the stream of
+its results (see :meth:`DataflowBuilder.map_step`); a terminal or router
+returns ``None`` (a terminal hands its failures to :meth:`DataflowBuilder.end`)."""
+
+_OPERATORS: dict[type, Operator] = {
+    StepPlan: DataflowBuilder._step,
+    AsyncPlan: DataflowBuilder._async,
+    CollectPlan: DataflowBuilder._collect,
+    RouterPlan: DataflowBuilder._router,
+    TopicSinkPlan: DataflowBuilder._into_topic,
+    NamedSinkPlan: DataflowBuilder._into_sink,
+    DrainPlan: DataflowBuilder._drain,
+}
+
+
+def register_operator(plan_type: type, build: Operator) -> None:
+    """Run plan nodes of ``plan_type`` (a registered node type's plan class) with ``build``."""
+    if plan_type in _OPERATORS:
+        raise ValueError(f"an operator for {plan_type.__name__} is registered already")
+    _OPERATORS[plan_type] = build
+
+
+def missing_operators(plan: FlowPlan | None = None) -> list[str]:
+    """Node types without an operator, one line each: in ``plan``, or all registered ones."""
+    if plan is None:
+        wanted = [spec.plan for spec in node_types()]
+    else:
+        wanted = [type(node) for node in plan.root.nodes()]
+        wanted += [type(terminal) for terminal in plan.error_routes.values()]
+    return [
+        f"{plan_type.__name__}: no Bytewax operator is registered for it "
+        "(loom.streaming.bytewax.adapter.register_operator)"
+        for plan_type in dict.fromkeys(wanted)
+        if plan_type not in _OPERATORS
+    ]
+
+
+# Every built-in node type has its operator: checked once, when the adapter is
+# imported. A node type registered later is checked when a runner compiles a
+# flow (StreamingRunner), before anything runs.
+if missing_operators():
+    raise TypeError("; ".join(missing_operators()))

@@ -23,11 +23,11 @@ from loom.delivery.transport import Transport
 from loom.errors import ClusterPeerLostError, StartupError
 from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.server import ProbeServer
-from loom.streaming.bytewax.adapter import DataflowBuilder
+from loom.streaming.bytewax.adapter import DataflowBuilder, missing_operators
 from loom.streaming.bytewax.bridge import AsyncBridge
 from loom.streaming.bytewax.worker import CommitPolicy, RunState, SourceSettings
 from loom.streaming.compiler import compile_flow
-from loom.streaming.errors import ErrorEnvelope, ErrorKind
+from loom.streaming.errors import ErrorEnvelope, ErrorKind, FlowValidationError
 from loom.streaming.nodes import StreamFlow
 from loom.streaming.plan import FlowPlan, NamedSinkPlan
 from loom.streaming.sinks import SinkRegistry
@@ -279,7 +279,11 @@ class StreamingRunner:
         return cls.from_context(flow, config=context, observability_runtime=observability_runtime)
 
     def _configure(self, flow: StreamFlow[Any, Any], config: ConfigContext) -> None:
-        self._plan = compile_flow(flow, config)
+        plan = compile_flow(flow, config)
+        missing = missing_operators(plan)
+        if missing:  # a node type registered without its operator: refuse it now
+            raise FlowValidationError(flow.name, missing)
+        self._plan = plan
         self._flow = flow
         self._config = config
 

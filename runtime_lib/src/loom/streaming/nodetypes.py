@@ -1,0 +1,284 @@
+"""The built-in node types, each specified once: compile rule, error kinds, drawing.
+
+Every block below registers one :class:`~loom.streaming.registry.NodeType`.
+The compiler (:mod:`loom.streaming.compiler`) dispatches to the compile
+rules, ``loom graph`` draws nodes and their error edges from them, and the
+Bytewax adapter runs each plan class with the operator it registered for it.
+``docs/architecture.md`` ("Adding a node type") shows the steps for a new one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from loom.streaming.compiler import Compiler, Stream
+from loom.streaming.errors import ErrorKind
+from loom.streaming.nodes import (
+    BatchStep,
+    CollectBatch,
+    Drain,
+    ExpandStep,
+    IntoSink,
+    IntoTopic,
+    RecordStep,
+    Router,
+    WithAsync,
+    display_name,
+)
+from loom.streaming.plan import (
+    AsyncPlan,
+    CollectPlan,
+    DrainPlan,
+    NamedSinkPlan,
+    RoutePlan,
+    RouterPlan,
+    StepKind,
+    StepPlan,
+    TopicSinkPlan,
+)
+from loom.streaming.registry import Drawing, NodeType, no_errors, register
+
+STEP_FAILURES = (ErrorKind.TASK, ErrorKind.BUSINESS)
+"""What any user function can raise: an exception (``TASK``) or a ``BusinessError``."""
+
+_STEP_KINDS: dict[type, StepKind] = {RecordStep: "record", ExpandStep: "expand", BatchStep: "batch"}
+
+
+def type_name(tp: Any) -> str:
+    """A payload type's short name for diagrams (``Order``, ``list[Order]``)."""
+    if isinstance(tp, type):
+        return tp.__name__
+    return re.sub(r"\b[\w.]+\.(\w+)", r"\1", repr(tp))
+
+
+def topic_detail(payload: Any, codec: str) -> str:
+    """``Order (json)``, or just the codec when the payload type is not declared."""
+    return f"{type_name(payload)} ({codec})" if payload is not None else codec
+
+
+# -- RecordStep, ExpandStep, BatchStep: a synchronous function ----------------
+
+
+def _compile_step(
+    compiler: Compiler, node: RecordStep | ExpandStep | BatchStep, stream: Stream | None, _: str
+) -> StepPlan | None:
+    assert stream is not None
+    kind = _STEP_KINDS[type(node)]
+    node_id = compiler.claim_id(node.name or display_name(node.fn))
+    where = f"{type(node).__name__} {node_id!r}"
+    sig = compiler.signature(node.fn, where)
+    compiler.check_batching(kind, stream, where)
+    if sig is None:
+        return None
+    if sig.is_async:
+        compiler.problem(
+            f"{where}: {display_name(node.fn)} is async; wrap the step in WithAsync(...)"
+        )
+    compiler.check_type(stream, sig.accepts, where)
+    compiler.advance(stream, kind, sig.returns)
+    return StepPlan(node_id, kind, node.fn, sig.takes_message)
+
+
+def _draw_step(node: RecordStep | ExpandStep | BatchStep) -> Drawing:
+    return Drawing(("[", "]"), (f"{type(node).__name__}: {node.name or display_name(node.fn)}",))
+
+
+def _step_failures(plan: Any) -> tuple[ErrorKind, ...]:
+    return STEP_FAILURES
+
+
+for _declaration in _STEP_KINDS:
+    register(NodeType(_declaration, StepPlan, "step", _compile_step, _step_failures, _draw_step))
+
+
+# -- WithAsync: an async function with bounded concurrency --------------------
+
+
+def _async_function(node: WithAsync) -> Any:
+    inner = node.fn
+    return inner.fn if isinstance(inner, RecordStep | ExpandStep | BatchStep) else inner
+
+
+def _async_name(node: WithAsync) -> str:
+    return node.name or getattr(node.fn, "name", None) or display_name(_async_function(node))
+
+
+def _compile_async(
+    compiler: Compiler, node: WithAsync, stream: Stream | None, _: str
+) -> AsyncPlan | None:
+    assert stream is not None
+    fn = _async_function(node)
+    kind: StepKind = _STEP_KINDS.get(type(node.fn), "batch" if stream.batched else "record")
+    node_id = compiler.claim_id(_async_name(node))
+    where = f"WithAsync {node_id!r}"
+    if node.max_concurrency < 1:
+        compiler.problem(f"{where}: max_concurrency must be >= 1, got {node.max_concurrency}")
+    if node.timeout_ms is not None and node.timeout_ms < 1:
+        compiler.problem(f"{where}: timeout_ms must be >= 1 or None, got {node.timeout_ms}")
+    compiler.check_batching(kind, stream, where)
+    sig = compiler.signature(fn, where)
+    if sig is None:
+        return None
+    if not sig.is_async:
+        compiler.problem(f"{where}: {display_name(fn)} is not an async function (use RecordStep)")
+    compiler.check_type(stream, sig.accepts, where)
+    compiler.advance(stream, kind, sig.returns)
+    return AsyncPlan(node_id, kind, fn, sig.takes_message, node.max_concurrency, node.timeout_ms)
+
+
+def _async_failures(plan: AsyncPlan) -> tuple[ErrorKind, ...]:
+    return (*STEP_FAILURES, ErrorKind.TIMEOUT) if plan.timeout_ms is not None else STEP_FAILURES
+
+
+def _draw_async(node: WithAsync) -> Drawing:
+    limits = f"max_concurrency {node.max_concurrency}"
+    if node.timeout_ms is not None:
+        limits += f", timeout {node.timeout_ms} ms"
+    return Drawing(("([", "])"), (f"WithAsync: {_async_name(node)}", limits))
+
+
+register(NodeType(WithAsync, AsyncPlan, "step", _compile_async, _async_failures, _draw_async))
+
+
+# -- CollectBatch: group records for a batch step -----------------------------
+
+
+def _compile_collect(
+    compiler: Compiler, node: CollectBatch, stream: Stream | None, _: str
+) -> CollectPlan:
+    assert stream is not None
+    node_id = compiler.claim_id(node.name or "collect_batch")
+    where = f"CollectBatch {node_id!r}"
+    if node.max_records < 1:
+        compiler.problem(f"{where}: max_records must be >= 1, got {node.max_records}")
+    if node.timeout_ms < 1:
+        compiler.problem(f"{where}: timeout_ms must be >= 1, got {node.timeout_ms}")
+    if stream.batched:
+        compiler.problem(f"{where}: follows another CollectBatch")
+    stream.batched = True
+    return CollectPlan(node_id, node.max_records, node.timeout_ms)
+
+
+def _draw_collect(node: CollectBatch) -> Drawing:
+    name = f"CollectBatch: {node.name}" if node.name else "CollectBatch"
+    return Drawing(("[[", "]]"), (name, f"max {node.max_records} records, {node.timeout_ms} ms"))
+
+
+register(NodeType(CollectBatch, CollectPlan, "step", _compile_collect, no_errors, _draw_collect))
+
+
+# -- IntoTopic: produce to a topic --------------------------------------------
+
+
+def _compile_into_topic(
+    compiler: Compiler, node: IntoTopic[Any], stream: Stream | None, where: str
+) -> TopicSinkPlan | None:
+    node_id = compiler.claim_id(f"into_{node.topic}")
+    binding = compiler.bind(f"IntoTopic {node.topic!r} ({where})", node)
+    if stream is not None:
+        compiler.check_type(stream, node.payload, f"IntoTopic {node.topic!r}")
+    return TopicSinkPlan(node_id, binding) if binding else None
+
+
+def _into_topic_failures(plan: TopicSinkPlan) -> tuple[ErrorKind, ...]:
+    # TASK: a record the codec cannot encode (or of another type than the
+    # declared payload); DELIVERY: the broker refused it for good.
+    return (ErrorKind.TASK, ErrorKind.DELIVERY)
+
+
+def _draw_into_topic(node: IntoTopic[Any]) -> Drawing:
+    lines = (f"IntoTopic: {node.topic}", topic_detail(node.payload, node.codec))
+    return Drawing(("[(", ")]"), lines)
+
+
+register(
+    NodeType(
+        IntoTopic,
+        TopicSinkPlan,
+        "terminal",
+        _compile_into_topic,
+        _into_topic_failures,
+        _draw_into_topic,
+    )
+)
+
+
+# -- IntoSink: a sink registered with the runner ------------------------------
+
+
+def _compile_into_sink(
+    compiler: Compiler, node: IntoSink, stream: Stream | None, where: str
+) -> NamedSinkPlan | None:
+    node_id = compiler.claim_id(f"sink_{node.sink}")
+    settings = compiler.config.streaming.sinks.get(node.sink)
+    if settings is None:
+        compiler.problem(
+            f"IntoSink {node.sink!r} ({where}): no sink named {node.sink!r} "
+            "under streaming.sinks in the config"
+        )
+        return None
+    return NamedSinkPlan(node_id, node.sink, settings.type, dict(settings.options))
+
+
+def _draw_into_sink(node: IntoSink) -> Drawing:
+    return Drawing(("[/", "/]"), (f"IntoSink: {node.sink}",))
+
+
+# A sink whose write fails stops the run (nothing after it is committed): it
+# raises no error kind that could be routed.
+register(
+    NodeType(IntoSink, NamedSinkPlan, "terminal", _compile_into_sink, no_errors, _draw_into_sink)
+)
+
+
+# -- Drain: a deliberate discard ----------------------------------------------
+
+
+def _compile_drain(compiler: Compiler, node: Drain, stream: Stream | None, _: str) -> DrainPlan:
+    return DrainPlan(compiler.claim_id(node.name or "drain"))
+
+
+def _draw_drain(node: Drain) -> Drawing:
+    return Drawing(("((", "))"), (f"Drain: {node.name}" if node.name else "Drain",))
+
+
+register(NodeType(Drain, DrainPlan, "terminal", _compile_drain, no_errors, _draw_drain))
+
+
+# -- Router: the first matching route, or the default -------------------------
+
+
+def _compile_router(
+    compiler: Compiler, node: Router, stream: Stream | None, where: str
+) -> RouterPlan | None:
+    assert stream is not None
+    node_id = compiler.claim_id(node.name or "router")
+    if not node.routes and node.default is None:
+        compiler.problem(f"Router {node_id!r}: has no routes")
+    routes: list[RoutePlan] = []
+    for index, route in enumerate(node.routes):
+        route_where = f"route {index} of Router {node_id!r}"
+        if not callable(route.when):
+            compiler.problem(f"{route_where}: when={route.when!r} is not callable")
+        branch = compiler.route_target(route.to, stream, route_where)
+        if branch is not None and callable(route.when):
+            routes.append(RoutePlan(route.when, branch))
+    default = None
+    if node.default is not None:
+        default = compiler.route_target(node.default, stream, f"default of Router {node_id!r}")
+    if len(routes) != len(node.routes):
+        return None
+    return RouterPlan(node_id, tuple(routes), default)
+
+
+def _router_failures(plan: RouterPlan) -> tuple[ErrorKind, ...]:
+    # A predicate can raise; without a default, an unmatched record is ROUTING.
+    return STEP_FAILURES if plan.default is not None else (*STEP_FAILURES, ErrorKind.ROUTING)
+
+
+def _draw_router(node: Router) -> Drawing:
+    return Drawing(("{", "}"), (f"Router: {node.name}" if node.name else "Router",))
+
+
+register(NodeType(Router, RouterPlan, "router", _compile_router, _router_failures, _draw_router))
