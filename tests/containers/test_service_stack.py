@@ -31,7 +31,7 @@ from tests.containers.support import (
     read_all,
     wait_for,
 )
-from tests.template.support import REPO, render, run, runtime_version, snapshot_template_repo
+from tests.template.support import render, run, runtime_version, snapshot_template_repo
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(900)]
 
@@ -83,9 +83,9 @@ def wheelhouse(service: Path) -> None:
     """Every wheel the image needs, in the service's wheels/ (the offline build)."""
     pip = [sys.executable, "-m", "pip"]
     wheels = service / "wheels"
-    run([*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", wheels, REPO / "runtime_lib"])
     # The service's dependencies and its build backend, for this platform (the
-    # image's: Linux x86_64, CPython 3.11); loom-runtime comes from wheels/.
+    # image's: Linux x86_64, CPython 3.11); loom-runtime is the bundled wheel
+    # copier put in wheels/ (rebuilding it here could change its hash).
     run(
         [
             *pip,
