@@ -233,7 +233,7 @@ class DataflowBuilder:
         dropped = None
         if self.metrics is not None:
             dropped = self.metrics.dropped.labels(self.plan.name, node, DropReason.DRAINED)
-        self.end(node, op.map(node, stream, DrainOp(dropped)))
+        self.end(node, op.map(node, stream, DrainOp(dropped, node)))
 
     # -- errors -----------------------------------------------------------
 

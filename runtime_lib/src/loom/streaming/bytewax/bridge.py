@@ -30,7 +30,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from loom.config.runtime import AsyncBackend
 from loom.observability.metrics import BatchedObserver, DropReason, FlowMetrics
-from loom.streaming.bytewax.operators import fan_out, materialise, step_argument
+from loom.streaming.bytewax.operators import fan_out, materialise, note_dropped, step_argument
 from loom.streaming.bytewax.records import (
     AsyncTimeout,
     Chunk,
@@ -115,13 +115,24 @@ class _Lane:
     before it is read.
     """
 
-    __slots__ = ("harvested", "queue", "records", "results", "runners", "running", "submitted")
+    __slots__ = (
+        "harvested",
+        "queue",
+        "records",
+        "results",
+        "runners",
+        "running",
+        "submitted",
+        "traced",
+    )
 
     def __init__(self) -> None:
         self.records: dict[int, Rec] = {}
         self.results: dict[int, tuple[bool, Any]] = {}
         self.submitted = 0
         self.harvested = 0
+        self.traced = False
+        """Some pending record may have a span (records outlive their chunk here)."""
         self.queue: deque[tuple[int, Any]] = deque()
         """Calls not started yet (loop thread only)."""
         self.runners = 0
@@ -227,6 +238,9 @@ class AsyncOp:
         lane = self._lanes.get(chunk.worker)
         if lane is None:
             lane = self._lanes[chunk.worker] = self._new_lane(chunk.worker)
+        if chunk.traced:
+            lane.traced = True
+        traced = lane.traced
         if chunk.records:
             batch = []
             for rec in chunk.records:
@@ -242,8 +256,10 @@ class AsyncOp:
         while lane.harvested in results:
             seq = lane.harvested
             ok, value = results.pop(seq)
-            dropped += self._resolve(lane.records.pop(seq), ok, value, out, failed)
+            dropped += self._resolve(lane.records.pop(seq), ok, value, out, failed, traced=traced)
             lane.harvested += 1
+        if not lane.pending:
+            lane.traced = False
         self.run.worker(chunk.worker).async_backlog[self.node] = lane.pending - self.backlog_limit
         if dropped:
             counter = self._filtered if self.plan.kind == "record" else self._empty
@@ -251,7 +267,10 @@ class AsyncOp:
                 counter.inc(dropped)
         if not out and not failed and not chunk.records:
             return chunk
-        return chunk.derive(out, [*chunk.failures, *failed] if failed else chunk.failures)
+        failures = [*chunk.failures, *failed] if failed else chunk.failures
+        if traced == chunk.traced:
+            return chunk.derive(out, failures)
+        return Chunk(chunk.worker, out, failures, chunk.flush, traced)
 
     def _new_lane(self, worker: int) -> _Lane:
         lane = _Lane()
@@ -263,15 +282,27 @@ class AsyncOp:
         return lane
 
     def _resolve(
-        self, rec: Rec, ok: bool, value: Any, out: list[Rec], failed: list[Failure]
+        self,
+        rec: Rec,
+        ok: bool,
+        value: Any,
+        out: list[Rec],
+        failed: list[Failure],
+        *,
+        traced: bool,
     ) -> int:
-        """Emit a finished call's result; returns the input records it dropped."""
+        """Emit a finished call's result; returns the input records it dropped.
+
+        ``traced``: the record may have a span, to be told why it is dropped.
+        """
         if not ok:
             kind = ErrorKind.TIMEOUT if isinstance(value, AsyncTimeout) else error_kind_of(value)
             failed += failures_for(self.flow, self.node, kind, rec, value)
             return 0
         if self.plan.kind == "record":
             if value is None:
+                if traced:
+                    note_dropped(rec, self.node, DropReason.FILTERED)
                 rec.ack.release()
                 return 1 if rec.members is None else len(rec.members)
             rec.set_result(value)
@@ -282,6 +313,8 @@ class AsyncOp:
         except TypeError as exc:
             failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, exc)
             return 0
+        if not results and traced:
+            note_dropped(rec, self.node, DropReason.EMPTY)
         fan_out(rec, results, rec.ack, out)
         if results:
             return 0

@@ -20,7 +20,7 @@ from loom.delivery.acks import Ack, GroupAck
 from loom.delivery.transport import OutRecord
 from loom.observability.logs import DeadLetterLog
 from loom.observability.metrics import DropReason, FlowMetrics
-from loom.observability.tracing import end_span, with_trace_headers
+from loom.observability.tracing import Outcome, RecordSpan, with_trace_headers
 from loom.streaming.bytewax.records import (
     PAYLOAD_TYPES,
     Chunk,
@@ -45,6 +45,27 @@ def step_argument(rec: Rec, takes_message: bool) -> Any:
     if rec.members is not None:
         return [m.as_message() for m in rec.members] if takes_message else rec.value
     return rec.as_message() if takes_message else rec.value
+
+
+def note_dropped(rec: Rec, node: str, reason: str) -> None:
+    """Note on ``rec``'s span (a batch: its members' spans) that it ends here.
+
+    Called before the record's ack is released, only for chunks that are
+    ``traced``: the span ends with the release.
+    """
+    if rec.members is not None:
+        for member in rec.members:
+            if member.span is not None:
+                member.span.drop(node, reason)
+    elif rec.span is not None:
+        rec.span.drop(node, reason)
+
+
+def note_reached(records: list[Rec], outcome: Outcome, node: str | None = None) -> None:
+    """Note on the spans of ``records`` (of a ``traced`` chunk) the terminal they reached."""
+    for rec in records:
+        if rec.span is not None:
+            rec.span.reach(outcome, node)
 
 
 class _StepOp:
@@ -72,7 +93,7 @@ class RecordOp(_StepOp):
     def __call__(self, chunk: Chunk) -> Chunk:
         if not chunk.records:
             return chunk
-        fn, takes_message = self.fn, self.takes_message
+        fn, takes_message, traced = self.fn, self.takes_message, chunk.traced
         out: list[Rec] = []
         failed: list[Failure] = []
         dropped = 0
@@ -83,6 +104,8 @@ class RecordOp(_StepOp):
                 failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
                 continue
             if result is None:
+                if traced:
+                    note_dropped(rec, self.node, self.reason)
                 rec.ack.release()
                 dropped += 1 if rec.members is None else len(rec.members)
                 continue
@@ -97,7 +120,11 @@ class RecordOp(_StepOp):
 
 
 def fan_out(rec: Rec, results: list[Any], ack: Ack, out: list[Rec]) -> None:
-    """Emit ``results`` as records derived from ``rec`` holding ``ack``."""
+    """Emit ``results`` as records derived from ``rec`` holding ``ack``.
+
+    The children share ``rec``'s span (and ack): an expanded record is one
+    span, ended when its last child is finished; children of a batch have none.
+    """
     if not results:
         ack.release()
         return
@@ -124,6 +151,7 @@ class ExpandOp(_StepOp):
         out: list[Rec] = []
         failed: list[Failure] = []
         dropped = 0
+        traced = chunk.traced
         for rec in chunk.records:
             try:
                 results = materialise(self.fn(step_argument(rec, self.takes_message)))
@@ -132,6 +160,8 @@ class ExpandOp(_StepOp):
                 continue
             if not results:
                 dropped += 1 if rec.members is None else len(rec.members)
+                if traced:
+                    note_dropped(rec, self.node, self.reason)
             fan_out(rec, results, rec.ack, out)
         if dropped and self.dropped is not None:
             self.dropped.inc(dropped)
@@ -159,17 +189,25 @@ def make_batch(members: list[Rec]) -> Rec:
 
 
 class _Buffer:
-    __slots__ = ("deadline", "records")
+    __slots__ = ("deadline", "records", "traced")
 
     def __init__(self) -> None:
         self.records: list[Rec] = []
         self.deadline = 0.0
+        self.traced = False
+        """Some buffered record may have a span (buffers outlive chunks)."""
 
 
 class CollectOp:
-    """``CollectBatch``: emit batches when full, when their timeout passes, or on flush."""
+    """``CollectBatch``: emit batches when full, when their timeout passes, or on flush.
+
+    A member's span ends when its batch is finished (the batch's ``GroupAck``
+    holds the member's ack); until a later terminal says otherwise, its
+    outcome is ``batched``.
+    """
 
     def __init__(self, plan: CollectPlan) -> None:
+        self.node = plan.node_id
         self.max_records = plan.max_records
         self.timeout_s = plan.timeout_ms / 1000
         self._buffers: dict[int, _Buffer] = {}
@@ -178,6 +216,10 @@ class CollectOp:
         buffer = self._buffers.get(chunk.worker)
         if buffer is None:
             buffer = self._buffers[chunk.worker] = _Buffer()
+        if chunk.traced:
+            buffer.traced = True
+            note_reached(chunk.records, Outcome.BATCHED, self.node)
+        traced = buffer.traced
         now = time.monotonic()
         out: list[Rec] = []
         for rec in chunk.records:
@@ -190,7 +232,11 @@ class CollectOp:
         if buffer.records and (chunk.flush or now >= buffer.deadline):
             out.append(make_batch(buffer.records))
             buffer.records = []
-        return chunk.derive(out, chunk.failures)
+        if not buffer.records:
+            buffer.traced = False
+        if traced == chunk.traced:
+            return chunk.derive(out, chunk.failures)
+        return Chunk(chunk.worker, out, chunk.failures, chunk.flush, traced)
 
 
 class RouterOp:
@@ -248,7 +294,7 @@ class EncodeOp:
         self.expected: type | None = expected if isinstance(expected, type) else None
 
     def __call__(self, chunk: Chunk) -> Outbound:
-        encode, expected = self.codec.encoder, self.expected
+        encode, expected, traced = self.codec.encoder, self.expected, chunk.traced
         items: list[OutRecord] = []
         acks: list[Ack] = []
         failed: list[Failure] = []
@@ -270,9 +316,10 @@ class EncodeOp:
                 key, headers = origin.key(), origin.headers()  # the common case
             else:
                 key, headers = rec.out_key(), rec.out_headers()
-            if rec.span is not None:
-                headers = with_trace_headers(rec.span, headers or ())
-                end_span(rec.span)
+            if traced and rec.span is not None:
+                # Ends with the ack: once the broker confirms the record.
+                headers = with_trace_headers(rec.span.span, headers or ())
+                rec.span.reach(Outcome.DELIVERED, self.node)
             if origin is not None:
                 # Only the origin is needed from here on (a refused record's error
                 # envelope is built from it): free the value now, while it is hot
@@ -284,7 +331,13 @@ class EncodeOp:
 
 
 def to_messages(chunk: Chunk) -> Outbound:
-    """Before ``IntoSink``: hand records to the user's sink as ``Message`` objects."""
+    """Before ``IntoSink``: hand records to the user's sink as ``Message`` objects.
+
+    A traced record's span ends once the sink's ``write_batch`` returns (the
+    sink releases the ack).
+    """
+    if chunk.traced:
+        note_reached(chunk.records, Outcome.WRITTEN)
     return Outbound(
         [rec.as_message() for rec in chunk.records],
         [rec.ack for rec in chunk.records],
@@ -295,12 +348,16 @@ def to_messages(chunk: Chunk) -> Outbound:
 class DrainOp:
     """``Drain``: records end here on purpose; they count as finished (and dropped)."""
 
-    def __init__(self, counter: Counter | None = None) -> None:
+    def __init__(self, counter: Counter | None = None, node: str = "drain") -> None:
         self.counter = counter
+        self.node = node
 
     def __call__(self, chunk: Chunk) -> Outbound:
         dropped = 0
+        traced = chunk.traced
         for rec in chunk.records:
+            if traced:
+                note_dropped(rec, self.node, DropReason.DRAINED)
             rec.ack.release()
             dropped += 1 if rec.members is None else len(rec.members)
         if dropped and self.counter is not None:
@@ -365,11 +422,17 @@ class DeadLetterEncoder:
         self.codec = codec
 
     def __call__(self, failures: list[Failure]) -> Outbound:
-        items = [dead_letter_record(f.envelope, self.codec) for f in failures]
+        items = [dead_letter_record(f.envelope, self.codec, f.ack) for f in failures]
         return Outbound(items, [f.ack for f in failures], [])
 
 
-def dead_letter_record(envelope: ErrorEnvelope, codec: Codec) -> OutRecord:
+def dead_letter_record(envelope: ErrorEnvelope, codec: Codec, ack: Ack | None = None) -> OutRecord:
+    """The dead-letter record of ``envelope``.
+
+    A traced record's ack is its span (:class:`RecordSpan`): the dead letter
+    then carries that span's ``traceparent``, not the upstream one, so the
+    trace goes input -> ``process`` span (status ERROR) -> dead letter.
+    """
     headers = [h for h in envelope.headers if not h[0].startswith(DLQ_HEADER_PREFIX)]
     headers += [
         (f"{DLQ_HEADER_PREFIX}error-kind", envelope.kind.value.encode()),
@@ -384,4 +447,6 @@ def dead_letter_record(envelope: ErrorEnvelope, codec: Codec) -> OutRecord:
             (f"{DLQ_HEADER_PREFIX}source-partition", str(envelope.partition).encode()),
             (f"{DLQ_HEADER_PREFIX}source-offset", str(envelope.offset).encode()),
         ]
+    if isinstance(ack, RecordSpan):
+        return (envelope.key, codec.encode(envelope), with_trace_headers(ack.span, headers), None)
     return (envelope.key, codec.encode(envelope), headers, None)

@@ -17,11 +17,11 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 import msgspec
-from opentelemetry.trace import Span
 
 from loom.delivery.acks import Ack
 from loom.delivery.transport import Origin
 from loom.errors import AsyncTimeout as AsyncTimeout  # noqa: PLC0414 (re-export)
+from loom.observability.tracing import RecordSpan
 from loom.streaming.errors import (
     TRACEBACK_FRAMES,
     TRACEBACK_MAX_CHARS,
@@ -61,8 +61,9 @@ class Rec(msgspec.Struct, gc=False):
     members: list[Rec] | None = None
     key: bytes | None = None
     headers: Headers | None = None
-    span: Span | None = None
-    """The record's trace span when its input carried a ``traceparent``."""
+    span: RecordSpan | None = None
+    """The record's trace span when its input carried a ``traceparent``; then
+    it is also the record's ``ack`` (it ends when the record is finished)."""
 
     def set_result(self, value: Any) -> None:
         """Store a step's result; a returned ``Message`` also sets key and headers."""
@@ -114,9 +115,14 @@ class Failure(NamedTuple):
 
 
 class Chunk:
-    """The unit of data between operators; see the module docstring."""
+    """The unit of data between operators; see the module docstring.
 
-    __slots__ = ("failures", "flush", "records", "worker")
+    ``traced`` is False when no record of the chunk has a ``span``, so that
+    operators test for spans once per chunk, not once per record (True only
+    says some record may have one).
+    """
+
+    __slots__ = ("failures", "flush", "records", "traced", "worker")
 
     def __init__(
         self,
@@ -124,14 +130,16 @@ class Chunk:
         records: list[Rec],
         failures: list[Failure],
         flush: bool = False,
+        traced: bool = False,
     ) -> None:
         self.worker = worker
         self.records = records
         self.failures = failures
         self.flush = flush
+        self.traced = traced
 
     def derive(self, records: list[Rec], failures: list[Failure]) -> Chunk:
-        return Chunk(self.worker, records, failures, self.flush)
+        return Chunk(self.worker, records, failures, self.flush, self.traced)
 
 
 class Outbound(NamedTuple):
@@ -224,6 +232,8 @@ def _failure(flow: str, node: str, kind: ErrorKind, rec: Rec, exc: BaseException
         stack = _traceback_of(kind, exc)
     else:
         exc_type, message, stack = kind.name.title() + "Error", exc, None
+    if rec.span is not None:
+        rec.span.fail(kind.value, node, exc)
     if origin is not None:
         headers = tuple(origin.headers() or ())
         kind_ts, stamp = origin.timestamp()

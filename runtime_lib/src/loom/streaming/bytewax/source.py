@@ -73,6 +73,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         self.loop = loop
         self._obs = source.observability
         self._tracer = None
+        self._traced = False
         if self._obs is not None:
             metrics = self._obs.metrics
             self._consumed = metrics.consumed.labels(self.flow, self.topic)
@@ -83,7 +84,12 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
     # -- Bytewax API ------------------------------------------------------
 
     def next_batch(self) -> list[Chunk]:
-        return self.loop.next_chunks(self._read)
+        chunks = self.loop.next_chunks(self._read)
+        if self._traced:  # a record just read has a span: operators look for it
+            self._traced = False
+            for chunk in chunks:
+                chunk.traced = True
+        return chunks
 
     def next_awake(self) -> datetime | None:
         return self.loop.next_awake()
@@ -135,9 +141,18 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
                 if tracer is not None:
                     headers = origin.headers()
                     if headers:
-                        rec.span = start_record_span(tracer, self.flow, self.topic, headers)
+                        span = start_record_span(tracer, self.flow, self.topic, headers, ack)
+                        if span is not None:  # the span is the record's ack from now on
+                            rec.span = rec.ack = span
+                            self._traced = True
                 records.append(rec)
         return records, failures
 
     def _wire_failure(self, origin: Any, ack: Ack, error: Exception | str) -> list[Failure]:
-        return failures_for(self.flow, self.node, ErrorKind.WIRE, Rec(None, origin, ack), error)
+        rec = Rec(None, origin, ack)
+        tracer = self._tracer
+        if tracer is not None and (headers := origin.headers()):
+            span = start_record_span(tracer, self.flow, self.topic, headers, ack)
+            if span is not None:  # a traced record that fails to decode has its span too
+                rec.span = rec.ack = span
+        return failures_for(self.flow, self.node, ErrorKind.WIRE, rec, error)
