@@ -1,10 +1,12 @@
 """Draw a :class:`~loom.streaming.StreamFlow` as a Mermaid flowchart.
 
-``mermaid(flow)`` walks the declaration (nothing is compiled, imported or
-connected) and returns the text of a ``flowchart``: the source topic, every
-step in order, router branches with their predicates, every terminal, and the
-error routes: which nodes can fail with which :class:`ErrorKind` and the
-terminal each kind is routed to. ``loom graph module:attr`` prints it, and
+``mermaid(flow)`` compiles the flow with every topic and sink counted as
+bound (nothing is connected) and returns the text of a ``flowchart``: the
+source topic, every step in order, router branches with their predicates,
+every terminal, and the error routes: which nodes can fail with which
+:class:`ErrorKind` (from each node's compiled plan) and the terminal each
+kind is routed to. Each node is drawn as its node type specifies
+(:mod:`loom.streaming.nodetypes`). ``loom graph module:attr`` prints it, and
 ``--readme README.md`` keeps a README's embedded diagram in sync::
 
     <!-- loom-graph:start -->
@@ -18,30 +20,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from loom.config.context import ConfigContext
-from loom.streaming.compiler import compile_flow
+from loom.streaming.compiler import compile_unbound
 from loom.streaming.errors import ErrorKind, FlowValidationError
-from loom.streaming.nodes import (
-    BatchStep,
-    CollectBatch,
-    Drain,
-    ExpandStep,
-    FromTopic,
-    IntoSink,
-    IntoTopic,
-    Process,
-    RecordStep,
-    Router,
-    StreamFlow,
-    WithAsync,
-    display_name,
-)
+from loom.streaming.nodes import FromTopic, Process, Router, StreamFlow, display_name
+from loom.streaming.nodetypes import topic_detail
+from loom.streaming.plan import BranchPlan, RouterPlan
+from loom.streaming.registry import Drawing, node_type_of
 
 __all__ = [
     "MARKER_END",
@@ -57,14 +46,7 @@ __all__ = [
 MARKER_START = "<!-- loom-graph:start -->"
 MARKER_END = "<!-- loom-graph:end -->"
 
-_STEP_FAILURES = (ErrorKind.TASK, ErrorKind.BUSINESS)
 _ALL_KINDS = tuple(ErrorKind)
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return re.sub(r"\b[\w.]+\.(\w+)", r"\1", repr(tp))
 
 
 def _escape(text: str) -> str:
@@ -84,127 +66,88 @@ def _kinds(kinds: tuple[ErrorKind, ...]) -> str:
     return ", ".join(kind.name for kind in kinds)
 
 
-def _topic_detail(payload: Any, codec: str) -> str:
-    return f"{_type_name(payload)} ({codec})" if payload is not None else codec
-
-
 class _Drawing:
+    """Walks a declaration and its compiled plan side by side.
+
+    Each node is drawn as its node type says (:mod:`loom.streaming.nodetypes`);
+    the kinds of error it can raise come from its plan node, so the diagram
+    shows what the compiled flow does.
+    """
+
     def __init__(self) -> None:
         self.nodes: list[str] = []
         self.edges: list[str] = []
         self.failures: dict[str, list[ErrorKind]] = {}
         self.count = 0
 
-    def node(self, shape: tuple[str, str], label: str) -> str:
+    def node(self, drawing: Drawing) -> str:
         node_id = f"n{self.count}"
         self.count += 1
-        self.nodes.append(f"    {node_id}{shape[0]}{label}{shape[1]}")
+        opening, closing = drawing.shape
+        self.nodes.append(f"    {node_id}{opening}{_label(*drawing.lines)}{closing}")
         return node_id
 
     def edge(self, source: str, target: str, label: str | None = None) -> None:
         arrow = f' -- "{_escape(label)}" --> ' if label else " --> "
         self.edges.append(f"    {source}{arrow}{target}")
 
-    def can_fail(self, node_id: str, *kinds: ErrorKind) -> None:
-        self.failures.setdefault(node_id, []).extend(kinds)
+    def can_fail(self, node_id: str, kinds: tuple[ErrorKind, ...]) -> None:
+        if kinds:
+            self.failures.setdefault(node_id, []).extend(kinds)
 
-    # -- nodes ------------------------------------------------------------
-
-    def terminal(self, node: Any, *, routes_errors: bool = True) -> str:
-        """A terminal node; ``routes_errors=False`` for the error routes' own terminals."""
-        if isinstance(node, IntoTopic):
-            detail = _topic_detail(node.payload, node.codec)
-            node_id = self.node(("[(", ")]"), _label(f"IntoTopic: {node.topic}", detail))
-            if routes_errors:
-                self.can_fail(node_id, ErrorKind.TASK, ErrorKind.DELIVERY)
-            return node_id
-        if isinstance(node, IntoSink):
-            node_id = self.node(("[/", "/]"), _label(f"IntoSink: {node.sink}"))
-            if routes_errors:
-                self.can_fail(node_id, ErrorKind.DELIVERY)
-            return node_id
-        if isinstance(node, Drain):
-            return self.node(("((", "))"), _label(f"Drain: {node.name}" if node.name else "Drain"))
-        return self.node(("[", "]"), _label(f"not a terminal: {type(node).__name__}"))
-
-    def step(self, node: Any) -> str:
-        if isinstance(node, RecordStep | ExpandStep | BatchStep):
-            kind = type(node).__name__
-            node_id = self.node(("[", "]"), _label(f"{kind}: {node.name or display_name(node.fn)}"))
-            self.can_fail(node_id, *_STEP_FAILURES)
-            return node_id
-        if isinstance(node, WithAsync):
-            inner = node.fn
-            fn = inner.fn if isinstance(inner, RecordStep | ExpandStep | BatchStep) else inner
-            name = node.name or getattr(inner, "name", None) or display_name(fn)
-            limits = f"max_concurrency {node.max_concurrency}"
-            if node.timeout_ms is not None:
-                limits += f", timeout {node.timeout_ms} ms"
-            node_id = self.node(("([", "])"), _label(f"WithAsync: {name}", limits))
-            self.can_fail(node_id, *_STEP_FAILURES)
-            if node.timeout_ms is not None:
-                self.can_fail(node_id, ErrorKind.TIMEOUT)
-            return node_id
-        if isinstance(node, CollectBatch):
-            return self.node(
-                ("[[", "]]"),
-                _label(
-                    f"CollectBatch: {node.name}" if node.name else "CollectBatch",
-                    f"max {node.max_records} records, {node.timeout_ms} ms",
-                ),
-            )
-        return self.node(("[", "]"), _label(f"not a step: {type(node).__name__}"))
-
-    def chain(self, nodes: tuple[Any, ...], previous: str, label: str | None = None) -> None:
-        """Draw ``nodes`` after ``previous``; the first edge carries ``label``."""
-        for node in nodes:
-            if isinstance(node, Router):
-                current = self.node(
-                    ("{", "}"), _label(f"Router: {node.name}" if node.name else "Router")
-                )
-                self.edge(previous, current, label)
-                self.routes(node, current)
-            else:
-                if isinstance(node, IntoTopic | IntoSink | Drain):
-                    current = self.terminal(node)
-                else:
-                    current = self.step(node)
-                self.edge(previous, current, label)
+    def chain(
+        self, nodes: tuple[Any, ...], branch: BranchPlan, previous: str, label: str | None = None
+    ) -> None:
+        """Draw ``nodes`` (compiled to ``branch``) after ``previous``; the first edge
+        carries ``label``."""
+        plans = [*branch.steps, branch.end]
+        for node, plan in zip(nodes, plans, strict=True):
+            spec = node_type_of(node)
+            assert spec is not None  # the flow compiled
+            current = self.node(spec.draw(node))
+            self.edge(previous, current, label)
+            self.can_fail(current, spec.error_kinds(plan))
+            if isinstance(plan, RouterPlan):
+                self.routes(node, plan, current)
             previous, label = current, None
 
-    def routes(self, node: Router, router_id: str) -> None:
-        self.can_fail(router_id, *_STEP_FAILURES)
-        for route in node.routes:
-            self.target(route.to, router_id, f"when {display_name(route.when)}")
-        if node.default is not None:
-            self.target(node.default, router_id, "default")
-        else:
-            self.can_fail(router_id, ErrorKind.ROUTING)
+    def routes(self, node: Router, plan: RouterPlan, router_id: str) -> None:
+        for route, route_plan in zip(node.routes, plan.routes, strict=True):
+            self.target(route.to, route_plan.branch, router_id, f"when {display_name(route.when)}")
+        if node.default is not None and plan.default is not None:
+            self.target(node.default, plan.default, router_id, "default")
 
-    def target(self, target: Any, router_id: str, label: str) -> None:
+    def target(self, target: Any, branch: BranchPlan, router_id: str, label: str) -> None:
         nodes = target.nodes if isinstance(target, Process) else (target,)
-        self.chain(nodes, router_id, label)
+        self.chain(nodes, branch, router_id, label)
 
 
 def mermaid(flow: StreamFlow[Any, Any], *, direction: str = "LR") -> str:
-    """The Mermaid ``flowchart`` of ``flow`` (topic names are the logical ones)."""
+    """The Mermaid ``flowchart`` of ``flow`` (topic names are the logical ones).
+
+    :raises FlowValidationError: if ``flow`` does not compile (bindings aside).
+    """
+    plan = compile_unbound(flow)
     drawing = _Drawing()
     source: FromTopic[Any] = flow.source
     source_id = drawing.node(
-        ("[(", ")]"),
-        _label(f"FromTopic: {source.topic}", _topic_detail(source.payload, source.codec)),
+        Drawing(
+            ("[(", ")]"),
+            (f"FromTopic: {source.topic}", topic_detail(source.payload, source.codec)),
+        )
     )
-    drawing.can_fail(source_id, ErrorKind.WIRE)
+    drawing.can_fail(source_id, (ErrorKind.WIRE,))
     nodes = tuple(flow.process.nodes)
     if flow.output is not None:
         nodes += (flow.output,)
-    drawing.chain(nodes, source_id)
+    drawing.chain(nodes, plan.root, source_id)
 
     failures = dict(drawing.failures)
-    error_routes = [
-        (drawing.terminal(terminal, routes_errors=False), kinds)
-        for terminal, kinds in _error_routes(flow.errors)
-    ]
+    error_routes = []
+    for terminal, kinds in _error_routes(flow.errors):
+        spec = node_type_of(terminal)
+        assert spec is not None  # the flow compiled
+        error_routes.append((drawing.node(spec.draw(terminal)), kinds))
     title = " ".join(str(flow.name).split())
     lines = [f"flowchart {direction}", f"    %% flow: {title}"]
     lines += drawing.nodes
@@ -272,48 +215,14 @@ def load_flow(target: str) -> StreamFlow[Any, Any]:
     return obj
 
 
-def _declared_names(flow: StreamFlow[Any, Any]) -> tuple[set[str], set[str]]:
-    """The logical topics and the sink names a flow declares, anywhere in it."""
-    topics: set[str] = set()
-    sinks: set[str] = set()
-
-    def visit(node: Any) -> None:
-        if isinstance(node, FromTopic | IntoTopic) and isinstance(node.topic, str):
-            topics.add(node.topic)
-        elif isinstance(node, IntoSink) and isinstance(node.sink, str):
-            sinks.add(node.sink)
-        elif isinstance(node, Process):
-            for child in node.nodes:
-                visit(child)
-        elif isinstance(node, Router):
-            for route in node.routes:
-                visit(route.to)
-            visit(node.default)
-
-    visit(flow.source)
-    visit(flow.process)
-    visit(flow.output)
-    errors = flow.errors
-    for terminal in errors.values() if isinstance(errors, Mapping) else (errors,):
-        visit(terminal)
-    return topics, sinks
-
-
 def problems(flow: StreamFlow[Any, Any]) -> tuple[str, ...]:
     """What :func:`~loom.streaming.compile_flow` rejects in ``flow``, bindings aside.
 
     Every logical topic and sink the flow names counts as bound, since topic
     and sink bindings belong to the deployment, not to the declaration.
     """
-    topics, sinks = _declared_names(flow)
-    config = ConfigContext.from_dict(
-        {
-            "topics": {topic: topic for topic in topics},
-            "streaming": {"sinks": {sink: {"type": "any"} for sink in sinks}},
-        }
-    )
     try:
-        compile_flow(flow, config)
+        compile_unbound(flow)
     except FlowValidationError as exc:
         return exc.problems
     return ()

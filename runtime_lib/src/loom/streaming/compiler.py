@@ -87,6 +87,8 @@ class Compiler:
     ids: set[str] = field(default_factory=set)
     declared_topics: dict[str, None] = field(default_factory=dict)
     """Logical topics met so far, in order (a dict as an ordered set)."""
+    declared_sinks: dict[str, None] = field(default_factory=dict)
+    """Names of registered sinks met so far (``IntoSink``), in order."""
     node_count: int = 0
 
     def problem(self, message: str) -> None:
@@ -305,10 +307,33 @@ def logical_topics(flow: StreamFlow[Any, Any]) -> tuple[str, ...]:
     The compiler's own walk, run without bindings: the environment contract
     (``loom env``) is derived from the same rules that check a deployment.
     """
+    return declared_names(flow)[0]
+
+
+def declared_names(flow: StreamFlow[Any, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The logical topics and the sink names ``flow`` declares, in order."""
     compiler = Compiler(flow, ConfigContext())
     with contextlib.suppress(FlowValidationError):
         compiler.compile()
-    return tuple(compiler.declared_topics)
+    return tuple(compiler.declared_topics), tuple(compiler.declared_sinks)
+
+
+def compile_unbound(flow: StreamFlow[Any, Any]) -> FlowPlan:
+    """Compile ``flow`` with every topic and sink it names counted as bound.
+
+    Bindings belong to a deployment, not to the declaration: this checks
+    everything else (``loom graph`` draws from the result).
+
+    :raises FlowValidationError: listing every other problem.
+    """
+    topics, sinks = declared_names(flow)
+    config = ConfigContext.from_dict(
+        {
+            "topics": {topic: topic for topic in topics},
+            "streaming": {"sinks": {sink: {"type": "any"} for sink in sinks}},
+        }
+    )
+    return compile_flow(flow, config)
 
 
 def unused_bindings(flow: StreamFlow[Any, Any], topics: Mapping[str, str]) -> list[str]:

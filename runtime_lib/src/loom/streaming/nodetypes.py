@@ -211,6 +211,7 @@ def _compile_into_sink(
     compiler: Compiler, node: IntoSink, stream: Stream | None, where: str
 ) -> NamedSinkPlan | None:
     node_id = compiler.claim_id(f"sink_{node.sink}")
+    compiler.declared_sinks[node.sink] = None
     settings = compiler.config.streaming.sinks.get(node.sink)
     if settings is None:
         compiler.problem(
