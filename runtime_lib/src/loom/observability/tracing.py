@@ -58,6 +58,9 @@ class Outcome(enum.StrEnum):
 
 
 _RANK = {outcome: rank for rank, outcome in enumerate(Outcome)}
+_FAILED = _RANK[Outcome.DEAD_LETTERED]
+_OK = Status(StatusCode.OK)
+"""Shared: building a ``Status`` costs ~2.5 us, more than setting it."""
 
 
 class RecordSpan(Ack):
@@ -71,6 +74,13 @@ class RecordSpan(Ack):
     only then releases the wrapped ack. A record that is never finished (a run
     abandoned at the drain timeout, a crash) is never ended either: it will be
     read, and traced, again.
+
+    Cost, measured with the SDK and no exporter: a traced record's span took
+    ~31 us (start, inject into the output headers, end); the outcome
+    attributes and the status set at the end add ~8 us. Untraced records pay
+    nothing per record: operators test ``Chunk.traced`` once per chunk (a
+    filter step's dropped records measured +3 ns each, the other operators
+    within noise).
     """
 
     __slots__ = ("_attributes", "_rank", "inner", "span")
@@ -111,8 +121,8 @@ class RecordSpan(Ack):
         span = self.span
         if self._attributes:
             span.set_attributes(self._attributes)
-        if self._rank < _RANK[Outcome.DEAD_LETTERED]:
-            span.set_status(Status(StatusCode.OK))
+        if self._rank < _FAILED:
+            span.set_status(_OK)
         span.end()
         self.inner.release()
 
