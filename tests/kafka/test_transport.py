@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from loom.config.context import KafkaSettings
-from loom.config.settings import SettingsError
+from loom.config.settings import SettingsError, describe
 from loom.streaming import ErrorEnvelope, ExpandStep, RecordStep
 from loom.streaming.bytewax.runner import StreamingRunner
 from loom.transports.kafka import KafkaTransport
@@ -132,4 +132,6 @@ def test_a_transport_without_a_consumer_group_refuses_to_start(cluster: Cluster)
     with pytest.raises(SettingsError) as refused:
         KafkaTransport(settings)
     [problem] = refused.value.problems
-    assert problem.startswith("LOOM_KAFKA__GROUP_ID (kafka.group_id) is required")
+    assert problem.startswith("kafka.group_id: required")
+    [named] = describe(refused.value)
+    assert named.startswith("LOOM_KAFKA__GROUP_ID: required")

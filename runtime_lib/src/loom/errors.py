@@ -6,6 +6,7 @@
     LoomError
     ├── ConfigurationError            fix the declaration or the config, start again
     │   ├── SettingsError             (ValueError) invalid LOOM_* variables / config file
+    │   │   └── ConfigPathError           refused below the settings layer, by config path
     │   ├── MissingVariableError      (KeyError) the config file names an unset ${VAR}
     │   └── FlowValidationError       (ValueError) the flow declaration cannot run
     ├── StartupError                  (RuntimeError) the service cannot start *here*
@@ -57,6 +58,29 @@ class SettingsError(ConfigurationError, ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+ConfigPath = tuple[str, ...]
+"""A place in the configuration, e.g. ``("kafka", "group_id")``."""
+
+
+class ConfigPathError(SettingsError):
+    """Settings refused by a component below the settings layer (a transport).
+
+    Such a component knows config paths, not where a value came from (a
+    variable, a file, a dict): ``located`` pairs the paths at fault with what
+    is wrong, and the settings layer names the variables
+    (``loom.config.settings.describe``). ``problems`` reads with the paths.
+    """
+
+    def __init__(self, located: Sequence[tuple[Sequence[ConfigPath], str]]) -> None:
+        self.located = tuple((tuple(paths), message) for paths, message in located)
+        super().__init__(
+            [
+                f"{', '.join('.'.join(path) for path in paths)}: {message}"
+                for paths, message in self.located
+            ]
+        )
 
 
 class MissingVariableError(ConfigurationError, KeyError):

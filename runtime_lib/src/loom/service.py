@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from loom.config.settings import LOG_LEVELS, SettingsError, load_config
+from loom.config.settings import LOG_LEVELS, SettingsError, describe, load_config
 from loom.errors import ClusterPeerLostError, StartupError
 from loom.observability import ObservabilityRuntime
 from loom.observability.logs import configure_logging
@@ -104,7 +104,7 @@ def run_service(
     try:
         runner.run()
     except SettingsError as exc:  # the client settings, checked by librdkafka itself
-        _print_problems(flow.name, "invalid settings", exc.problems)
+        _print_problems(flow.name, "invalid settings", describe(exc))
         return EXIT_SETTINGS
     except StartupError as exc:
         logger.error("cannot start: %s", exc)

@@ -35,7 +35,7 @@ from loom.config.context import ConfigContext, KafkaSettings, ObservabilitySetti
 from loom.config.delivery import AT_LEAST_ONCE
 from loom.config.interpolation import interpolate
 from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
-from loom.errors import MissingVariableError
+from loom.errors import ConfigPathError, MissingVariableError
 from loom.errors import SettingsError as SettingsError  # noqa: PLC0414 (re-export)
 
 PREFIX = "LOOM_"
@@ -82,6 +82,20 @@ def variable_name(path: tuple[str, ...]) -> str:
     if path[:2] == ("streaming", "runtime"):
         path = ("runtime", *path[2:])
     return PREFIX + "__".join(re.sub(r"[^A-Za-z0-9]", "_", part).upper() for part in path)
+
+
+def describe(error: SettingsError) -> list[str]:
+    """``error``'s problems, one line each, naming environment variables.
+
+    A :class:`~loom.errors.ConfigPathError` (raised below the settings
+    layer, by config path) is rendered with the variables of its paths.
+    """
+    if not isinstance(error, ConfigPathError):
+        return list(error.problems)
+    return [
+        f"{', '.join(variable_name(path) for path in paths)}: {message}"
+        for paths, message in error.located
+    ]
 
 
 def topic_variable(logical: str) -> str:

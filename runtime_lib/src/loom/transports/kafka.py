@@ -37,9 +37,9 @@ from confluent_kafka.admin._metadata import ClusterMetadata
 from confluent_kafka.cimpl import NewTopic
 
 from loom.config.context import KafkaSettings
-from loom.config.settings import SettingsError
 from loom.delivery.acks import Ack, release_all
 from loom.delivery.transport import FailureReport, Origin, OutRecord
+from loom.errors import ConfigPathError
 from loom.errors import KafkaStartupError as KafkaStartupError  # noqa: PLC0414 (re-export)
 
 logger = logging.getLogger("loom.transports.kafka")
@@ -83,6 +83,13 @@ _message_error = Message.error
 """``Message.error`` unbound: ``map`` calls it per record without a Python frame."""
 
 
+_SHARED_SETTINGS = [
+    ("kafka", name)
+    for name in ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password")
+] + [("kafka", "ssl_ca_location")]
+"""Settings common to consumers and producers: at fault when both refuse alike."""
+
+
 def _check_client_settings(*, consumer: dict[str, Any], producer: dict[str, Any]) -> None:
     """Have librdkafka check the client settings now, before any worker starts.
 
@@ -93,23 +100,22 @@ def _check_client_settings(*, consumer: dict[str, Any], producer: dict[str, Any]
     connection is opened) and dropped. When both refuse for the same reason,
     the settings they share (security, SASL, TLS) are at fault.
 
-    :raises SettingsError: naming the variable and librdkafka's reason.
+    :raises ConfigPathError: naming the settings and librdkafka's reason.
     """
     refused = _client_problem(Consumer, consumer)
     refused_producer = _client_problem(Producer, producer)
     if refused is not None and refused == refused_producer:
-        shared = "LOOM_KAFKA__SECURITY_PROTOCOL, __SASL_* or __SSL_CA_LOCATION"
-        raise SettingsError([f"{shared}: {refused}"])
+        raise ConfigPathError([(_SHARED_SETTINGS, refused)])
     problems = [
-        f"{name}: {problem}"
-        for name, problem in (
-            ("LOOM_KAFKA__CONSUMER", refused),
-            ("LOOM_KAFKA__PRODUCER", refused_producer),
+        ([path], problem)
+        for path, problem in (
+            (("kafka", "consumer"), refused),
+            (("kafka", "producer"), refused_producer),
         )
         if problem is not None
     ]
     if problems:
-        raise SettingsError(problems)
+        raise ConfigPathError(problems)
 
 
 def _client_problem(make: type[Consumer] | type[Producer], config: dict[str, Any]) -> str | None:
@@ -346,17 +352,19 @@ class KafkaTransport:
 
     def __init__(self, settings: KafkaSettings) -> None:
         if not settings.bootstrap_servers:
-            raise KafkaStartupError(
-                "no Kafka brokers configured: set LOOM_KAFKA__BOOTSTRAP_SERVERS "
-                "(or kafka.bootstrap_servers in the config file)"
+            raise ConfigPathError(
+                [([("kafka", "bootstrap_servers")], "required: the Kafka brokers, host:port[,...]")]
             )
         if not settings.group_id:
             # No fallback name: a group shared by unrelated services would mix
             # their committed offsets (and split their partitions).
-            raise SettingsError(
+            raise ConfigPathError(
                 [
-                    "LOOM_KAFKA__GROUP_ID (kafka.group_id) is required: the consumer group "
-                    "that holds this flow's committed offsets, one per service"
+                    (
+                        [("kafka", "group_id")],
+                        "required: the consumer group that holds this flow's committed "
+                        "offsets, one per service",
+                    )
                 ]
             )
         self.settings = settings
