@@ -32,8 +32,10 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.admin._metadata import ClusterMetadata
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, not in __all__
+    AdminClient,
+    ClusterMetadata,
+)
 from confluent_kafka.cimpl import NewTopic
 
 from loom.config.context import KafkaSettings
