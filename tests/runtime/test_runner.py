@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,10 +12,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from loom.observability import ObservabilityRuntime
-from loom.streaming import FromTopic, IntoSink, IntoTopic, Process, RecordStep, StreamFlow
+from loom.streaming import (
+    FromTopic,
+    IntoSink,
+    IntoTopic,
+    Process,
+    RecordStep,
+    StreamFlow,
+    WithAsync,
+)
 from loom.streaming.bytewax.runner import StreamingRunner
 from loom.streaming.testing import RunResult, TestRunner
-from tests.runtime.payloads import Order, enrich_flow, orders
+from tests.runtime.payloads import Order, enrich, enrich_flow, orders
 
 
 class ExplodingSink(DynamicSink[Any]):
@@ -78,12 +87,22 @@ def test_a_run_failing_while_executing_records_the_error_on_both_spans(
         assert "exception" in [event.name for event in spans[name].events]
 
 
+async def same_order(order: Order) -> Order:
+    return order
+
+
 def test_prepare_run_twice_releases_the_first_preparation() -> None:
-    tester = TestRunner(enrich_flow())
+    tester = TestRunner(enrich_flow(WithAsync(same_order), RecordStep(enrich)))
+    before = set(threading.enumerate())
     first = tester.runner.prepare_run()
-    second = tester.runner.prepare_run()
-    assert first.dataflow is not second.dataflow
-    tester.runner.shutdown()
+    [first_loop] = set(threading.enumerate()) - before  # the async step's event loop
+    try:
+        second = tester.runner.prepare_run()
+        assert first.dataflow is not second.dataflow
+        assert not first_loop.is_alive(), "the first preparation's event loop still runs"
+    finally:  # a leaked loop thread would keep the test process from exiting
+        first.shutdown()
+        tester.runner.shutdown()
 
 
 def test_build_dataflow_returns_a_bytewax_dataflow_named_after_the_flow() -> None:
