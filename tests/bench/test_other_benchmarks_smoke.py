@@ -1,8 +1,9 @@
-"""Start-up, soak and async benchmarks end to end with tiny sizes, so they cannot rot.
+"""The other benchmarks end to end with tiny sizes, so they cannot rot.
 
-Each runs as a person would run it (its own broker, peers in subprocesses).
-The numbers mean nothing at this size; what is checked is that the run
-completes and prints Loom's figures next to the peers measured in it.
+Start-up, soak and async throughput run as a person would run them (their own
+broker, peers in subprocesses); shutdown and codec cost run in memory. The
+numbers mean nothing at this size; what is checked is that each run
+completes and prints its figures (Loom's next to the peers measured in it).
 """
 
 from __future__ import annotations
@@ -53,3 +54,18 @@ def test_the_async_benchmark_runs_loom_and_a_bare_event_loop_peer() -> None:
     assert {(row[1], row[2]) for row in rows} == {
         (backend, who) for backend in ("asyncio", "uvloop", "trio") for who in ("loom", "peer")
     }
+
+
+def test_the_shutdown_benchmark_times_a_stop_with_a_stuck_async_call() -> None:
+    out = run_bench("shutdown.py", "--runs", "1", "--timeouts-ms", "100")
+    [row] = [line.split() for line in out.splitlines() if line.lstrip().startswith("100 ms")]
+    assert row[-1].endswith("s")  # the overshoot
+
+
+def test_the_codec_benchmark_prices_every_codec_against_its_library() -> None:
+    out = run_bench("codec_decode.py", "--records", "1000", "--repeat", "1")
+    assert [line.split(",")[0] for line in out.splitlines()[1:]] == [
+        "msgspec",
+        "msgspec",
+        "pydantic",
+    ]

@@ -670,16 +670,20 @@ def test_a_stuck_call_at_the_head_of_a_full_window_cannot_hang_the_run(
     assert result.records("output") == []
 
 
-def test_a_stuck_call_is_abandoned_within_force_shutdown_timeout_ms(backend: Backend) -> None:
+def test_a_stuck_call_is_given_force_shutdown_timeout_ms_before_it_is_abandoned(
+    backend: Backend,
+) -> None:
+    # How soon after the timeout the run returns is measured by
+    # bench/shutdown.py; here only what load cannot break: the run returns
+    # (a deadline), and not before the stuck call had its timeout_ms.
     tester, stuck = stuck_flow(backend)
-    drain_started: list[float] = []
+    drain_requested: list[float] = []
 
     def until(result: RunResult) -> bool:
         ready = stuck.is_set() and len(result.records("output")) == 2
-        if ready and not drain_started:
-            drain_started.append(time.monotonic())
+        if ready and not drain_requested:
+            drain_requested.append(time.monotonic())
         return ready
 
     run_bounded(tester, 30, runtime=backend.with_force_shutdown(500), until=until, timeout_s=20)
-    stop_took = time.monotonic() - drain_started[0]
-    assert stop_took < 0.5 + 0.3, f"stopping took {stop_took:.2f} s"
+    assert time.monotonic() - drain_requested[0] >= 0.5
