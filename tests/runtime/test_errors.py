@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import re
 
 import pytest
 
@@ -38,6 +39,16 @@ def test_every_exception_class_in_the_package_derives_from_loom_error() -> None:
         name for name, cls in _exception_classes().items() if not issubclass(cls, errors.LoomError)
     ]
     assert outside == []
+
+
+def test_every_exception_class_in_the_package_is_drawn_in_the_documented_tree() -> None:
+    tree = errors.__doc__ or ""
+    undrawn = [
+        name
+        for name, cls in _exception_classes().items()
+        if not re.search(rf"^ +(│   |    |[├└]── )*{cls.__name__}\b", tree, re.MULTILINE)
+    ]
+    assert undrawn == []
 
 
 @pytest.mark.parametrize(
