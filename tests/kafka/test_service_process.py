@@ -303,3 +303,23 @@ def test_a_binding_for_a_topic_the_flow_does_not_declare_exits_with_code_2(
         "LOOM_TOPICS__INPUTT (topics.inputt): the flow declares no logical topic 'inputt'; "
         "did you mean LOOM_TOPICS__INPUT?"
     )
+
+
+def test_sigterm_while_waiting_for_the_cluster_peers_stops_at_once(cluster: Cluster) -> None:
+    addresses = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    env = service_env(
+        cluster,
+        fresh_topics(cluster, 2),
+        "g",
+        LOOM_LOG_LEVEL="INFO",
+        LOOM_RUNTIME__PROCESS_ID=0,
+        LOOM_RUNTIME__ADDRESSES=addresses,  # process 1 never starts
+    )
+    with ServiceProcess(env) as service:
+        wait_until(lambda: "joining the Bytewax cluster" in service.output()[1], 30, "the join")
+        service.process.send_signal(signal.SIGTERM)
+        # Bytewax waits for the peer in Rust, where no signal handler runs.
+        assert service.wait(timeout_s=3) == 0
+        _, stderr = service.output()
+    assert "stopped before any worker started" in stderr
+    assert "Traceback" not in stderr

@@ -19,8 +19,10 @@
     │   ├── BusinessError             BUSINESS: a step refused the record (user-raised)
     │   ├── AsyncTimeout              TIMEOUT: an async step exceeded its timeout_ms
     │   └── MessageTooLarge           DELIVERY: the TestRunner's memory broker refused it
-    └── GracefulStop                  internal (loom.streaming.bytewax): ends a
-                                      recovery-enabled run; never escapes ``run()``
+    ├── GracefulStop                  internal (loom.streaming.bytewax): ends a
+    │                                 recovery-enabled run; never escapes ``run()``
+    └── _StoppedBeforeStart           internal (runner): a stop before any worker
+                                      started; never escapes ``run()``
 
 The builtin bases in parentheses stay for callers that catch those (a
 ``SettingsError`` is still a ``ValueError``). A record-level error's class

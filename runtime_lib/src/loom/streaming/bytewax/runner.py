@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
+import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -20,7 +22,7 @@ from opentelemetry.trace import Status, StatusCode
 from loom.config.context import ConfigContext
 from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
 from loom.delivery.transport import Transport
-from loom.errors import ClusterPeerLostError, StartupError
+from loom.errors import ClusterPeerLostError, LoomError, StartupError
 from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.server import ProbeServer
 from loom.streaming.bytewax.adapter import DataflowBuilder, missing_operators
@@ -31,6 +33,8 @@ from loom.streaming.errors import ErrorEnvelope, ErrorKind, FlowValidationError
 from loom.streaming.nodes import StreamFlow
 from loom.streaming.plan import FlowPlan, NamedSinkPlan
 from loom.streaming.sinks import SinkRegistry
+
+logger = logging.getLogger("loom.runner")
 
 __all__ = [
     "BytewaxRecoverySettings",
@@ -192,6 +196,48 @@ def _relaxed_gc() -> Iterator[None]:
     finally:
         gc.set_threshold(*previous)
         gc.unfreeze()
+
+
+class _StoppedBeforeStart(LoomError):
+    """Internal: a stop arrived while Bytewax was still forming its cluster."""
+
+
+def _run_beside_signals(execute: Callable[[], None], *, abandon_when: Callable[[], bool]) -> None:
+    """Run ``execute`` (the blocking ``cli_main``) so that signals are seen at once.
+
+    Python runs signal handlers on the main thread only, between bytecodes.
+    While ``cli_main`` blocks the main thread in Rust (a process waiting for
+    the peers of its cluster runs no Python code at all), a SIGTERM would
+    wait until it returns. So, on the main thread, Bytewax runs on a helper
+    thread while the main thread waits in Python, and a stop requested before
+    any worker started (``abandon_when``) raises :class:`_StoppedBeforeStart`:
+    nothing was read, so nothing is lost by leaving Bytewax behind (the
+    process is about to exit). Elsewhere ``execute`` runs in place.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        execute()
+        return
+    failure: list[BaseException] = []
+    context = contextvars.copy_context()  # the current span stays the parent of what runs
+
+    def target() -> None:
+        try:
+            context.run(execute)
+        except BaseException as exc:  # re-raised on the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="loom-bytewax", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(_SIGNAL_WAIT_S)
+        if thread.is_alive() and abandon_when():
+            raise _StoppedBeforeStart
+    if failure:
+        raise failure[0]
+
+
+_SIGNAL_WAIT_S = 0.1
+"""How long the main thread waits between looks at a stop request."""
 
 
 @contextlib.contextmanager
@@ -430,9 +476,25 @@ class StreamingRunner:
             set_status_on_exception=True,
         ) as span:
             _ensure_recovery_partitions(runtime)
+
+            def execute() -> None:
+                cli_main(prepared.dataflow, **_runtime_kwargs(runtime))  # type: ignore[no-untyped-call]
+
+            def nothing_started() -> bool:
+                return self._stop.is_set() and not run.workers()
+
+            if _peers(runtime):
+                logger.info(
+                    "joining the Bytewax cluster as process %s of %d",
+                    runtime.process_id,
+                    len(runtime.addresses or ()),
+                )
             try:
                 with _stop_on_signals(self.request_stop), _relaxed_gc():
-                    cli_main(prepared.dataflow, **_runtime_kwargs(runtime))  # type: ignore[no-untyped-call]
+                    _run_beside_signals(execute, abandon_when=nothing_started)
+            except _StoppedBeforeStart:
+                logger.info("stopped before any worker started (nothing was read)")
+                return
             except Exception:
                 if not run.stopped_gracefully:
                     raise
