@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/codec_decode.py [--records 1000000] [--repeat 21]
 
-A codec's ``decoder`` (what the source calls per record) turns the library's
-errors into ``loom.errors.DecodeError``; this measures what that wrapping
-costs a *valid* record: best of ``--repeat`` loops of ``--records`` calls, in
-ns per record, for a 2-field msgspec Struct, the bench's 6-field order
-(``work.py``'s shape) and the same order as a pydantic model.
+A codec's ``decoder`` (what the source calls per record) is the library's own
+callable; a failed decode becomes ``loom.errors.DecodeError`` afterwards
+(``Codec.wire_error``). This checks that a *valid* record pays nothing for
+Loom's codec: best of ``--repeat`` loops of ``--records`` calls, in ns per
+record, for a 2-field msgspec Struct, the bench's 6-field order (``work.py``'s
+shape) and the same order as a pydantic model. (A wrapper that converted the
+error inside ``decoder`` measured +48 to +112 ns per valid record.)
 """
 
 from __future__ import annotations

@@ -76,12 +76,16 @@ def test_a_bad_record_has_the_same_exception_type_for_msgspec_and_pydantic_paylo
         ("json", ModelOrder, WRONG_SHAPE, "string_type"),
     ],
 )
-def test_every_codec_decoder_raises_decode_error_with_the_library_message(
+def test_every_codec_reports_a_failed_decode_as_decode_error_with_the_library_message(
     fmt: Any, payload: type, value: bytes, library_message: str
 ) -> None:
-    decoder = build_codec(fmt, payload).decoder
-    with pytest.raises(DecodeError, match=library_message):
-        decoder(value)
+    codec = build_codec(fmt, payload)
+    with pytest.raises(Exception) as failed:  # noqa: PT011 - the library's own error
+        codec.decoder(value)
+    error = codec.wire_error(failed.value)
+    assert isinstance(error, DecodeError)
+    assert library_message in str(error)
+    assert error.__cause__ is failed.value
 
 
 @pytest.mark.parametrize("payload", [StructOrder, ModelOrder])

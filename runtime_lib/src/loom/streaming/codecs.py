@@ -23,18 +23,18 @@ CODEC_NAMES: tuple[CodecName, ...] = ("json", "msgpack", "raw")
 class Codec(Protocol):
     """Turns one record value into a payload and back.
 
-    ``decoder`` is the one way to decode: the callable the source calls per
-    record. Every codec's raises :class:`DecodeError` (with the payload
-    library's message) for bytes that are malformed or do not validate as the
-    payload type, so a ``WIRE`` dead letter's ``exception_type`` is
-    ``DecodeError`` whether the payload is a msgspec ``Struct`` or a pydantic
-    model. Codecs subclass this protocol to inherit ``encoder``, which
-    defaults to ``encode``; a codec with a faster callable overrides it.
+    ``decoder`` is the callable the source calls per record: the payload
+    library's own, with no wrapper (see :meth:`wire_error` for why). Codecs
+    subclass this protocol to inherit ``encoder`` (defaults to ``encode``)
+    and ``wire_error``; a codec with a faster callable overrides ``encoder``.
     """
+
+    library_errors: tuple[type[Exception], ...] = ()
+    """What ``decoder`` raises for bytes that are malformed or do not validate."""
 
     @property
     def decoder(self) -> Callable[[bytes], Any]:
-        """Decodes one record value; raises :class:`DecodeError` for invalid bytes."""
+        """Decodes one record value; raises one of :attr:`library_errors` for invalid bytes."""
         ...
 
     def encode(self, value: Any) -> bytes: ...
@@ -44,29 +44,22 @@ class Codec(Protocol):
         """The fastest callable that encodes."""
         return self.encode
 
+    def wire_error(self, exc: Exception) -> Exception:
+        """What a ``WIRE`` dead letter reports for ``exc``, raised by ``decoder``.
 
-def _raising_decode_error(
-    decode: Callable[[bytes], Any], library_error: type[Exception]
-) -> Callable[[bytes], Any]:
-    """``decode``, with ``library_error`` turned into :class:`DecodeError`.
-
-    The cost per valid record is the closure's call; the ``try`` itself is
-    free when nothing raises. ``bench/codec_decode.py`` (Python 3.11, best
-    of 11-21 x 10^6 calls, a shared 2-core machine): a 2-field msgspec
-    Struct from JSON 180-183 ns directly, 205-211 ns through this closure,
-    so ~30 ns, under 1% of the 4-5 µs of CPU a record costs end to end
-    (docs/benchmarks.md); for the bench's 6-field order and for pydantic
-    models the difference is within run-to-run noise (pydantic went
-    through the same kind of wrapper before, ``Codec.decode``).
-    """
-
-    def decoder(data: bytes) -> Any:
-        try:
-            return decode(data)
-        except library_error as exc:
-            raise DecodeError(str(exc)) from exc
-
-    return decoder
+        One :class:`DecodeError` (with the library's message) whether the
+        payload is a msgspec ``Struct`` or a pydantic model, so a dead
+        letter's ``exception_type`` does not depend on the payload library.
+        The conversion happens after the failure, not in a wrapper around
+        ``decoder``: a wrapper cost every *valid* record 48-112 ns here
+        (``bench/codec_decode.py``, a 2- and a 6-field Struct from JSON,
+        Python 3.11, a shared 2-core machine), 1-2.5% of a record's CPU.
+        """
+        if isinstance(exc, DecodeError) or not isinstance(exc, self.library_errors):
+            return exc
+        error = DecodeError(str(exc))
+        error.__cause__ = exc
+        return error
 
 
 def _is_pydantic_model(tp: object) -> bool:
@@ -83,11 +76,13 @@ def _encode_hook(value: Any) -> Any:
 class MsgspecCodec(Codec):
     """JSON or msgpack through msgspec, validating into ``payload_type``."""
 
+    # msgspec.ValidationError (invalid shape) is a msgspec.DecodeError.
+    library_errors = (msgspec.DecodeError,)
+
     def __init__(self, fmt: CodecName, payload_type: Any) -> None:
         module = msgspec.json if fmt == "json" else msgspec.msgpack
         target = Any if payload_type is None else payload_type
-        # msgspec.ValidationError (invalid shape) is a msgspec.DecodeError.
-        self._decoder = _raising_decode_error(module.Decoder(target).decode, msgspec.DecodeError)
+        self._decoder: Callable[[bytes], Any] = module.Decoder(target).decode
         self._encode: Callable[[Any], bytes] = module.Encoder(enc_hook=_encode_hook).encode
 
     @property
@@ -106,10 +101,12 @@ class MsgspecCodec(Codec):
 class PydanticJsonCodec(Codec):
     """JSON through pydantic, for payload types that are pydantic models."""
 
+    # pydantic reports malformed JSON as a ValidationError too.
+    library_errors = (pydantic.ValidationError,)
+
     def __init__(self, payload_type: type[pydantic.BaseModel]) -> None:
         self._adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(payload_type)
-        # pydantic reports malformed JSON as a ValidationError too.
-        self._decoder = _raising_decode_error(self._adapter.validate_json, pydantic.ValidationError)
+        self._decoder: Callable[[bytes], Any] = self._adapter.validate_json
 
     @property
     def decoder(self) -> Callable[[bytes], Any]:

@@ -70,6 +70,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
         self.node = plan.source.node_id
         self.topic = plan.source.binding.physical
         self.decode = plan.source.binding.codec.decoder
+        self.wire_error = plan.source.binding.codec.wire_error
         self.loop = loop
         self._obs = source.observability
         self._tracer = None
@@ -135,7 +136,7 @@ class FlowSourcePartition(StatelessSourcePartition[Chunk]):
                 try:
                     value = decode(raw)
                 except Exception as exc:
-                    failures += self._wire_failure(origin, ack, exc)
+                    failures += self._wire_failure(origin, ack, self.wire_error(exc))
                     continue
                 rec = Rec(value, origin, ack)
                 if tracer is not None:
