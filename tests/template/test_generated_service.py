@@ -330,11 +330,21 @@ def test_the_dockerfile_passes_hadolint_and_has_the_essentials(generated: Genera
     [install] = [i for i in build if "pip --python /opt/service/bin/python install" in i]
     assert "--find-links /build/wheels" in install
     assert (generated.path / "wheels/README.md").exists()
-    # loom-runtime as in development and CI: through requirements-runtime.txt
-    # when the image build can reach its source, else the wheel CI builds first.
+    # loom-runtime as in development and CI: bundled, with every dependency from
+    # the lock in hash-checking mode, then the service alone; through
+    # requirements-runtime.txt when the build can reach its index; else the
+    # wheel CI builds first.
     source = generated.variant.source
-    assert "COPY requirements-runtime.txt pyproject.toml README.md ./" in build
-    if source in ("bundled", "index"):
+    if source == "bundled":
+        copy = "COPY requirements-runtime.txt requirements.lock.txt pyproject.toml README.md ./"
+        assert copy in build
+        assert " --require-hashes -r requirements.lock.txt && " in install
+        assert install.endswith(" --no-deps /build")
+    else:
+        assert "COPY requirements-runtime.txt pyproject.toml README.md ./" in build
+    if source == "bundled":
+        assert "!requirements.lock.txt" in generated.read(".dockerignore").splitlines()
+    elif source == "index":
         assert install.endswith(" -r requirements-runtime.txt /build")
     else:
         assert install.endswith(f" /build/wheels/{bundled_wheel(runtime_version())} /build")
@@ -408,7 +418,14 @@ def test_the_ci_workflow_and_dependabot_config_are_valid(generated: Generated) -
     steps = [step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]]
     for command in ("ruff check .", "ruff format --check .", "mypy", "pytest", "docker build"):
         assert any(command in step for step in steps), command
-    assert any('pip install -r requirements-runtime.txt -e ".[dev]"' in step for step in steps)
+    if generated.variant.source == "bundled":
+        [install] = [step for step in steps if "--require-hashes" in step]
+        assert "pip install --require-hashes -r requirements-dev.lock.txt" in install
+        assert "pip install --no-deps -e ." in install
+        dependabot = generated.yaml(".github/dependabot.yml")
+        assert "pip" in {update["package-ecosystem"] for update in dependabot["updates"]}
+    else:
+        assert any('pip install -r requirements-runtime.txt -e ".[dev]"' in s for s in steps)
     # Only a git or path source needs its wheel built for the image; bundled is committed.
     source = generated.variant.source
     wheel_steps = [step for step in steps if "pip wheel" in step]

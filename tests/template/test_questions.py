@@ -49,9 +49,10 @@ def test_the_contract_questions_exist_with_their_names() -> None:
 
 
 def test_tasks_and_migrations_are_ready() -> None:
-    """git init on copy only; the runtime wheel task on copy and update alike."""
+    """git init on copy only; the runtime wheel task on copy and update alike, then
+    the locks (bundled only), resolved by the uv the services' dev extra pins."""
     config = copier_config()
-    git_init, runtime_wheel = config["_tasks"]
+    git_init, runtime_wheel, locks = config["_tasks"]
     assert git_init["when"] == "{{ _copier_operation == 'copy' }}"
     assert "git" in git_init["command"][2]
     assert "when" not in runtime_wheel
@@ -61,6 +62,16 @@ def test_tasks_and_migrations_are_ready() -> None:
         "{{ runtime_wheel }}",
         "{{ runtime_build_backend }}",
     ]
+    assert locks["when"] == "{{ loom_runtime_source == 'bundled' }}"
+    assert locks["command"][3:] == [
+        "{{ lock_tool }}",
+        "{{ python_version }}",
+        "{{ runtime_wheel }}",
+    ]
+    tool = config["lock_tool"]["default"]
+    assert re.fullmatch(r"uv==[0-9.]+", tool)
+    pyproject = (REPO / "template/pyproject.toml.jinja").read_text(encoding="utf-8")
+    assert f'"{tool}",' in pyproject
     assert config["_migrations"] == []
     text = (REPO / "copier.yml").read_text(encoding="utf-8")
     assert "#   - version: v0.2.0" in text, "the commented example of a first migration"

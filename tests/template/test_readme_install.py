@@ -3,8 +3,9 @@
 A service rendered with copier's defaults, on a machine that reaches only the
 public package index: the block, taken from the rendered README.md and run
 with bash as written, makes its own virtual environment, upgrades pip,
-installs the service with loom-runtime from requirements-runtime.txt, and
-runs the service's tests, lint and type checks. Nothing is installed
+installs every dependency from requirements-dev.lock.txt in pip's
+hash-checking mode (loom-runtime as the committed wheel), then the service
+itself, and runs the service's tests, lint and type checks. Nothing is installed
 beforehand and no pip settings are added, so the test fails when loom-runtime
 cannot be installed from what the service commits (the public index has no
 loom-runtime). It downloads the service's dependencies (about two minutes).
@@ -57,7 +58,8 @@ def test_the_readme_develop_and_test_block_installs_and_passes_on_a_new_service(
         template_repo, tmp_path / "payments-screening", {"service_name": "payments-screening"}
     )
     block = develop_and_test_block((service / "README.md").read_text(encoding="utf-8"))
-    assert "pip install -r requirements-runtime.txt" in block
+    assert "pip install --require-hashes -r requirements-dev.lock.txt" in block
+    assert "pip install --no-deps -e ." in block
 
     done = run(
         ["bash", "-e", "-o", "pipefail", "-c", block],

@@ -126,6 +126,11 @@ def test_an_untouched_service_updates_cleanly_to_the_next_release(
     wheel = service / "wheels" / new_wheel
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     assert requirement_lines(service) == [f"file:wheels/{new_wheel}#sha256={digest}"]
+    # Both locks were re-locked onto the new wheel, by its hash.
+    for lock in ("requirements.lock.txt", "requirements-dev.lock.txt"):
+        text = (service / lock).read_text(encoding="utf-8")
+        assert f"./wheels/{new_wheel} \\\n    --hash=sha256:{digest}\n" in text, lock
+        assert old_wheel not in text, lock
     with zipfile.ZipFile(wheel) as archive:
         metadata = archive.read(f"loom_runtime-{upcoming}.dist-info/METADATA").decode()
     assert f"\nVersion: {upcoming}\n" in metadata
