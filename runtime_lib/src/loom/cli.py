@@ -13,6 +13,7 @@ from confluent_kafka import KafkaException
 
 from loom import __version__
 from loom.devtools.broker import DevBroker, DevBrokerError
+from loom.dlq_cli import add_command as add_dlq_command
 from loom.envcontract import add_command as add_env_command
 from loom.graph import add_command as add_graph_command
 
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dev_broker_command(commands)
     add_graph_command(commands)
     add_env_command(commands)
+    add_dlq_command(commands)
     return parser
 
 

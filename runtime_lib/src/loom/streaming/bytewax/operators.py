@@ -433,7 +433,7 @@ def dead_letter_record(envelope: ErrorEnvelope, codec: Codec, ack: Ack | None = 
     then carries that span's ``traceparent``, not the upstream one, so the
     trace goes input -> ``process`` span (status ERROR) -> dead letter.
     """
-    headers = [h for h in envelope.headers if not h[0].startswith(DLQ_HEADER_PREFIX)]
+    headers = [h for h in envelope.headers if not h[0].startswith(_OWN_HEADER_PREFIXES)]
     headers += [
         (f"{DLQ_HEADER_PREFIX}error-kind", envelope.kind.value.encode()),
         (f"{DLQ_HEADER_PREFIX}flow", envelope.flow.encode()),
@@ -447,6 +447,52 @@ def dead_letter_record(envelope: ErrorEnvelope, codec: Codec, ack: Ack | None = 
             (f"{DLQ_HEADER_PREFIX}source-partition", str(envelope.partition).encode()),
             (f"{DLQ_HEADER_PREFIX}source-offset", str(envelope.offset).encode()),
         ]
+    headers += interop_headers(envelope)
     if isinstance(ack, RecordSpan):
         return (envelope.key, codec.encode(envelope), with_trace_headers(ack.span, headers), None)
     return (envelope.key, codec.encode(envelope), headers, None)
+
+
+STREAMS_HEADER_PREFIX = "__streams.errors."
+"""Kafka Streams' dead-letter headers (KIP-1034): values are UTF-8 strings."""
+SPRING_HEADER_PREFIX = "kafka_dlt-"
+"""Spring Kafka's ``DeadLetterPublishingRecoverer`` headers (``KafkaHeaders.DLT_*``)."""
+_OWN_HEADER_PREFIXES = (DLQ_HEADER_PREFIX, STREAMS_HEADER_PREFIX, SPRING_HEADER_PREFIX)
+"""Input headers a dead letter does not pass on: it writes its own (a replayed
+dead letter of another tool must not carry two exception headers)."""
+
+
+def interop_headers(envelope: ErrorEnvelope) -> list[tuple[str, bytes]]:
+    """The exception and source coordinates under Kafka Streams' and Spring's names.
+
+    Built once per dead letter (never per output record). Streams writes every
+    value as a UTF-8 string; Spring writes partition and offset as 4- and
+    8-byte big-endian integers, the rest as UTF-8. ``exception_type`` is the
+    Python class's qualified name; the stack trace is the envelope's
+    ``traceback`` (empty for kinds that have none). Source coordinates are
+    left out when the record had no source (a derived record).
+    """
+    exception = envelope.exception_type.encode()
+    message = envelope.message.encode()
+    stack = (envelope.traceback or "").encode()
+    headers = [
+        (f"{STREAMS_HEADER_PREFIX}exception", exception),
+        (f"{STREAMS_HEADER_PREFIX}message", message),
+        (f"{STREAMS_HEADER_PREFIX}stacktrace", stack),
+        (f"{SPRING_HEADER_PREFIX}exception-fqcn", exception),
+        (f"{SPRING_HEADER_PREFIX}exception-message", message),
+        (f"{SPRING_HEADER_PREFIX}exception-stacktrace", stack),
+    ]
+    if envelope.topic is not None and envelope.partition is not None:
+        topic = envelope.topic.encode()
+        offset = envelope.offset if envelope.offset is not None else -1
+        # Java's ByteBuffer.putInt / putLong: big-endian, two's complement.
+        headers += [
+            (f"{STREAMS_HEADER_PREFIX}topic", topic),
+            (f"{STREAMS_HEADER_PREFIX}partition", str(envelope.partition).encode()),
+            (f"{STREAMS_HEADER_PREFIX}offset", str(offset).encode()),
+            (f"{SPRING_HEADER_PREFIX}original-topic", topic),
+            (f"{SPRING_HEADER_PREFIX}original-partition", envelope.partition.to_bytes(4, "big")),
+            (f"{SPRING_HEADER_PREFIX}original-offset", offset.to_bytes(8, "big", signed=True)),
+        ]
+    return headers
