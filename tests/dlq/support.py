@@ -27,6 +27,7 @@ def envelope(
     source: str | None = "orders",
     attempt: int = 1,
     headers: tuple[tuple[str, bytes], ...] = (),
+    occurred_at: datetime | None = None,
 ) -> ErrorEnvelope:
     return ErrorEnvelope(
         kind=kind,
@@ -42,7 +43,7 @@ def envelope(
         timestamp_ms=None,
         value=b'{"n": %d}' % index,
         attempt=attempt,
-        occurred_at=datetime.now(UTC),
+        occurred_at=occurred_at or datetime.now(UTC),
         traceback="flow.py:3 in price" if kind is ErrorKind.TASK else None,
     )
 

@@ -7,6 +7,7 @@ import signal
 import struct
 import subprocess
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,21 @@ def test_inspect_filters_narrow_the_summary(
     summary = json.loads(result.stdout)
     assert summary["total"] == 4
     assert [g["kind"] for g in summary["groups"]] == ["task"]
+
+
+def test_inspect_since_and_until_select_by_failure_time(cluster: Cluster, tmp_path: Path) -> None:
+    topic = cluster.topic(1, "dlq")
+    day = datetime(2026, 11, 30, tzinfo=UTC)
+    hours = [envelope(i, occurred_at=day + timedelta(hours=i)) for i in range(6)]
+    write_dead_letters(cluster.bootstrap, topic, hours)
+    window = ("--since", "2026-11-30T02:00:00Z", "--until", "2026-11-30T05:00:00+00:00")
+    result = loom_dlq(
+        "inspect", topic, "--json", *window, bootstrap=cluster.bootstrap, cwd=tmp_path
+    )
+    [group] = json.loads(result.stdout)["groups"]
+    assert group["count"] == 3
+    assert group["first_seen"] == "2026-11-30T02:00:00+00:00"
+    assert group["last_seen"] == "2026-11-30T04:00:00+00:00"
 
 
 def test_inspect_of_a_missing_topic_exits_1_naming_it(cluster: Cluster, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ seconds); nothing is skipped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -140,6 +141,9 @@ class Filters:
     source_topics: frozenset[str] = frozenset()
     since: datetime | None = None
     until: datetime | None = None
+    as_given: tuple[str | None, str | None] = (None, None)
+    """``since``/``until`` as the user wrote them (``2h``): a replay job's identity
+    keeps these, its state the times they meant when the job started."""
 
     @classmethod
     def of(
@@ -159,6 +163,10 @@ class Filters:
             source_topics=frozenset(_many(source_topic)),
             since=parse_time(since) if isinstance(since, str) else since,
             until=parse_time(until) if isinstance(until, str) else until,
+            as_given=(
+                since if isinstance(since, str) else None,
+                until if isinstance(until, str) else None,
+            ),
         )
 
     def matches(self, envelope: ErrorEnvelope) -> bool:
@@ -184,8 +192,8 @@ class Filters:
             "node": sorted(self.nodes),
             "exception": sorted(self.exceptions),
             "source_topic": sorted(self.source_topics),
-            "since": self.since.isoformat() if self.since else None,
-            "until": self.until.isoformat() if self.until else None,
+            "since": self.as_given[0] or (self.since.isoformat() if self.since else None),
+            "until": self.as_given[1] or (self.until.isoformat() if self.until else None),
         }
 
 
@@ -588,6 +596,9 @@ class ReplayState(msgspec.Struct, kw_only=True):
     unroutable: int = 0
     undecodable: int = 0
     complete: bool = False
+    since: datetime | None = None
+    """The ``--since`` in force for the whole job (an age is resolved when it starts)."""
+    until: datetime | None = None
     started_at: datetime
     updated_at: datetime
 
@@ -703,6 +714,8 @@ class Replay:
                     job=self.job,
                     ends=ends,
                     next=starts,
+                    since=self.filters.since,
+                    until=self.filters.until,
                     started_at=now,
                     updated_at=now,
                 )
@@ -716,6 +729,7 @@ class Replay:
         self, consumer: Consumer, state: ReplayState, path: Path
     ) -> ReplayOutcome:
         outcome = ReplayOutcome(state, path)
+        filters = dataclasses.replace(self.filters, since=state.since, until=state.until)
         producer = None if self.dry_run else Producer(producer_config(self.kafka))
         failures: list[str] = []
 
@@ -764,7 +778,7 @@ class Replay:
             if isinstance(letter, Undecodable):
                 counts["undecodable"] += 1
                 self.say(f"not an envelope, left out: {letter.topic}[{partition}]@{offset}")
-            elif not self.filters.matches(letter.envelope):
+            elif not filters.matches(letter.envelope):
                 counts["not_selected"] += 1
             else:
                 target = self.to if self.to is not None else letter.envelope.topic
@@ -776,7 +790,12 @@ class Replay:
                     )
                 else:
                     if target not in destinations:
-                        destinations[target] = len(_partitions(consumer, target))
+                        try:
+                            destinations[target] = len(_partitions(consumer, target))
+                        except DlqError as exc:
+                            checkpoint()
+                            outcome.problem = outcome.problem or str(exc)
+                            return outcome
                     keep = letter.envelope.partition if self.to is None else None
                     if keep is not None and keep >= destinations[target]:
                         keep = None

@@ -40,11 +40,13 @@ PROGRESS_MIN_RECORDS = 10_000
 """A progress bar (on a terminal's stderr) for topics at least this large."""
 
 
-def _time(text: str) -> Any:
+def _time(text: str) -> str:
+    """Checked here, kept as text: a replay job is named by ``2h``, not by a moment."""
     try:
-        return parse_time(text)
+        parse_time(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -233,7 +235,9 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Dead letters as a workflow. Reads LOOM_KAFKA__* like the service; "
         "joins no consumer group and commits nothing.",
     )
-    sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
+    sub = dlq.add_subparsers(
+        dest="dlq_command", required=True, metavar="SUBCOMMAND", help="inspect or replay"
+    )
     inspect = sub.add_parser(
         "inspect",
         help="summarise dead letters by kind, node and exception",
