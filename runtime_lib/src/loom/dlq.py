@@ -49,7 +49,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from loom.config.context import KafkaSettings
 from loom.config.settings import load_config
-from loom.errors import LoomError
+from loom.errors import DlqError as DlqError  # noqa: PLC0414 (re-export)
 from loom.streaming.bytewax.records import ATTEMPT_HEADER
 from loom.streaming.errors import ErrorEnvelope, ErrorKind
 
@@ -86,10 +86,6 @@ _GROUP_KEYS = frozenset(
         "heartbeat.interval.ms",
     }
 )
-
-
-class DlqError(LoomError):
-    """A dead-letter read or replay could not be done (the message says why)."""
 
 
 class DeadLetter(NamedTuple):

@@ -19,6 +19,8 @@
     │   ├── BusinessError             BUSINESS: a step refused the record (user-raised)
     │   ├── AsyncTimeout              TIMEOUT: an async step exceeded its timeout_ms
     │   └── MessageTooLarge           DELIVERY: the TestRunner's memory broker refused it
+    ├── DlqError                      loom dlq / loom.dlq: a dead-letter topic could not
+    │                                 be read or replayed (broker, topic, delivery)
     ├── GracefulStop                  internal (loom.streaming.bytewax): ends a
     │                                 recovery-enabled run; never escapes ``run()``
     └── _StoppedBeforeStart           internal (runner): a stop before any worker
@@ -127,6 +129,10 @@ class DevBrokerError(StartupError):
 
 
 # -- run time ------------------------------------------------------------------
+
+
+class DlqError(LoomError):
+    """A dead-letter topic could not be read or replayed (``loom dlq``); the message says why."""
 
 
 class ClusterPeerLostError(LoomError, RuntimeError):
