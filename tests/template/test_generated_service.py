@@ -377,7 +377,14 @@ def test_the_compose_file_is_valid_and_complete(generated: Generated) -> None:
     variant = generated.variant
     compose = generated.yaml("docker-compose.yml")
     services = compose["services"]
-    assert set(services) == {"kafka", "topics", variant.service_name, "jaeger", "prometheus"}
+    assert set(services) == {
+        "kafka",
+        "topics",
+        variant.service_name,
+        "jaeger",
+        "prometheus",
+        "grafana",
+    }
     kafka = services["kafka"]
     assert kafka["image"].startswith("apache/kafka:")
     assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
@@ -402,6 +409,19 @@ def test_the_compose_file_is_valid_and_complete(generated: Generated) -> None:
     assert job["static_configs"][0]["targets"] == [f"{variant.service_name}:{port}"]
     mounts = services["prometheus"]["volumes"]
     assert mounts == ["./observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro"]
+    # Grafana: the generated dashboard on the stack's Prometheus, provisioned read-only.
+    grafana = services["grafana"]
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+    for mount in grafana["volumes"]:
+        source, _, mode = mount.split(":")
+        assert (generated.path / source).is_file(), source
+        assert mode == "ro"
+    [datasource] = generated.yaml("observability/grafana/datasources.yml")["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+    [provider] = generated.yaml("observability/grafana/dashboards.yml")["providers"]
+    dashboards = {target for mount in grafana["volumes"] for target in [mount.split(":")[1]]}
+    assert f"{provider['options']['path']}/service.json" in dashboards
 
 
 def test_the_ci_workflow_and_dependabot_config_are_valid(generated: Generated) -> None:
