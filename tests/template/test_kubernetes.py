@@ -196,8 +196,10 @@ def test_the_catalog_entry_names_the_topics_and_links_the_runbook(odd_service: P
     links = {link["title"]: link["url"] for link in entity["metadata"]["links"]}
     repository = "https://git.example.com/loyalty/loyalty-ledger"
     assert links["Runbook"] == f"{repository}/blob/main/docs/runbook.md"
-    assert (odd_service / "docs/runbook.md").is_file()
-    assert any(url == f"{repository}/tree/main/observability" for url in links.values())
+    assert links["Grafana dashboard"] == f"{repository}/blob/main/observability/dashboard.json"
+    assert links["Alert rules"] == f"{repository}/blob/main/observability/alerts.yml"
+    for url in links.values():
+        assert (odd_service / url.removeprefix(f"{repository}/blob/main/")).is_file(), url
 
 
 def test_without_kubernetes_the_runbook_has_no_kubectl(odd_service: Path) -> None:
