@@ -53,7 +53,12 @@ def write_dead_letters(bootstrap: str, topic: str, envelopes: list[ErrorEnvelope
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     for item in envelopes:
         key, value, headers, _ = dead_letter_record(item, CODEC)
-        producer.produce(topic, value, key, headers=list(headers or ()), partition=0)
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=list(headers or ()), partition=0)
+                break
+            except BufferError:
+                producer.poll(0.05)
     assert producer.flush(30) == 0
 
 

@@ -336,6 +336,7 @@ def test_read_yields_envelopes_with_the_original_bytes(cluster: Cluster, mixed_d
     assert [(e.key, e.value) for e in letters] == [(b"k-4", b'{"n": 4}'), (b"k-5", b'{"n": 5}')]
 
 
+@pytest.mark.filterwarnings("ignore:(read|open)_text is deprecated:DeprecationWarning")
 def test_kafka_python_reads_the_replay_and_interop_headers(
     cluster: Cluster, tmp_path: Path
 ) -> None:

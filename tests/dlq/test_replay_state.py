@@ -69,3 +69,26 @@ def test_a_second_replay_of_the_same_job_is_refused_while_one_runs(tmp_path: Pat
     with dlq.job_lock(path), pytest.raises(dlq.DlqError, match="another replay"):  # noqa: SIM117
         with dlq.job_lock(path):
             pass
+
+
+def test_the_reader_joins_no_group_and_commits_nothing_whatever_the_service_sets() -> None:
+    env = {
+        "LOOM_KAFKA__BOOTSTRAP_SERVERS": "b1:9092",
+        "LOOM_KAFKA__GROUP_ID": "orders-pricing",
+        "LOOM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        "LOOM_KAFKA__CONSUMER": '{"group.instance.id": "pod-0", "fetch.min.bytes": 1}',
+    }
+    kafka = dlq.kafka_settings(environ=env)
+    first, second = dlq.consumer_config(kafka), dlq.consumer_config(kafka)
+    assert first["bootstrap.servers"] == "b1:9092"
+    assert first["security.protocol"] == "SASL_SSL"
+    assert first["group.id"] != second["group.id"]
+    assert first["group.id"].startswith("loom-dlq-")
+    assert (first["enable.auto.commit"], first["enable.auto.offset.store"]) == (False, False)
+    assert "group.instance.id" not in first
+    assert first["fetch.min.bytes"] == 1
+
+
+def test_without_brokers_the_commands_name_both_ways_to_give_them() -> None:
+    with pytest.raises(dlq.DlqError, match=r"--bootstrap-servers or set LOOM_KAFKA__BOOTSTRAP"):
+        dlq.kafka_settings(environ={})

@@ -96,9 +96,9 @@ def _filters(args: argparse.Namespace) -> Filters:
 
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+def _progress(what: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
     """``(on_start, on_batch)`` callbacks driving a rich progress bar on stderr."""
-    if not (enabled and sys.stderr.isatty()):
+    if not sys.stderr.isatty():
         yield (lambda _: None), (lambda _: None)
         return
     from rich.progress import Progress  # noqa: PLC0415 - only on a terminal
@@ -108,7 +108,7 @@ def _progress(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[
 
         def on_start(total: int) -> None:
             if total >= PROGRESS_MIN_RECORDS:
-                task.append(bar.add_task("reading", total=total))
+                task.append(bar.add_task(what, total=total))
 
         def on_batch(count: int) -> None:
             if task:
@@ -120,7 +120,7 @@ def _progress(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[
 def _inspect(args: argparse.Namespace) -> int:
     kafka = kafka_settings(args.bootstrap_servers)
     undecodable: list[Undecodable] = []
-    with _progress(True) as (on_start, on_batch):
+    with _progress(f"reading {args.dlq_topic}") as (on_start, on_batch):
         letters = read_letters(
             args.dlq_topic,
             kafka,
