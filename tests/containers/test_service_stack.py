@@ -10,6 +10,7 @@ stop`` ends it with exit code 0 and every offset committed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -81,27 +82,17 @@ class Stack:
 
 def wheelhouse(service: Path) -> None:
     """Every wheel the image needs, in the service's wheels/ (the offline build)."""
-    pip = [sys.executable, "-m", "pip"]
+    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:"]
     wheels = service / "wheels"
-    # The service's dependencies and its build backend, for this platform (the
-    # image's: Linux x86_64, CPython 3.11); loom-runtime is the bundled wheel
-    # copier put in wheels/ (rebuilding it here could change its hash).
-    run(
-        [
-            *pip,
-            "download",
-            "--quiet",
-            "--only-binary",
-            ":all:",
-            "--dest",
-            wheels,
-            "--find-links",
-            wheels,
-            service,
-            "hatchling>=1.26,<2",
-        ],
-        cwd=service,
-    )
+    # The files requirements.lock.txt pins by hash (the image installs it in
+    # hash-checking mode) and the service's build backend, for this platform
+    # (the image's: Linux x86_64, CPython 3.11), from the index alone (no wheel
+    # directories of this machine: their builds have other hashes);
+    # loom-runtime is the bundled wheel copier put in wheels/.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    run([*pip, "--dest", wheels, "-r", "requirements.lock.txt"], cwd=service, env=env)
+    run([*pip, "--dest", wheels, "hatchling>=1.26,<2"], cwd=service, env=env)
 
 
 @pytest.fixture(scope="module")
