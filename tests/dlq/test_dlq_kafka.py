@@ -272,6 +272,27 @@ def test_replay_to_source_of_a_record_without_source_exits_1_naming_it(
     assert "no source topic" in result.stderr
 
 
+def test_a_missing_destination_stops_the_replay_before_it_and_a_rerun_resumes_there(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    orders, source = cluster.topic(1, "orders"), cluster.topic(1, "dlq")
+    later = f"later-{uuid.uuid4().hex[:8]}"
+    letters = [envelope(0, source=orders), envelope(1, source=later), envelope(2, source=orders)]
+    write_dead_letters(cluster.bootstrap, source, letters)
+    args = ("replay", source, "--to-source", "--state-dir", str(tmp_path))
+    stopped = loom_dlq(*args, bootstrap=cluster.bootstrap, cwd=tmp_path)
+    assert stopped.returncode == 1
+    assert f"topic {later!r} does not exist" in stopped.stderr
+    assert read_state(tmp_path)["next"] == {"0": 1}  # k-0 confirmed, nothing past k-1
+    from confluent_kafka.admin import NewTopic
+
+    cluster.admin.create_topics([NewTopic(later, 1)])[later].result()
+    resumed = loom_dlq(*args, bootstrap=cluster.bootstrap, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m.key() for m in cluster.read(orders, 2)] == [b"k-0", b"k-2"]
+    assert [m.key() for m in cluster.read(later, 1)] == [b"k-1"]
+
+
 # ------------------------------------------------------------------ inspect
 
 

@@ -763,10 +763,17 @@ class Replay:
 
         limit_left = None if self.limit is None else self.limit - state.replayed
         reached_limit = limit_left is not None and limit_left <= 0
+
+        def guarded(records: Iterator[Message]) -> Iterator[Message]:
+            try:
+                yield from records
+            except DlqError as exc:  # stalled, or an error reading: keep what was confirmed
+                outcome.problem = str(exc)
+
         messages = (
             iter(()) if reached_limit else scan(consumer, self.dlq_topic, state.next, state.ends)
         )
-        for message in messages:
+        for message in guarded(messages):
             if self.stop_requested:
                 break
             letter = decode(message)
@@ -798,14 +805,18 @@ class Replay:
                     pace.wait(lambda: self.stop_requested)
                     if self.stop_requested:
                         break
-                    self._send(
-                        producer=producer,
-                        target=target,
-                        partition=keep,
-                        letter=letter,
-                        replay_id=state.replay_id,
-                        on_delivery=delivered,
-                    )
+                    try:
+                        self._send(
+                            producer=producer,
+                            target=target,
+                            partition=keep,
+                            letter=letter,
+                            replay_id=state.replay_id,
+                            on_delivery=delivered,
+                        )
+                    except KafkaException as exc:
+                        outcome.problem = f"producing to {target}: {exc}"
+                        break
                     counts["replayed"] += 1
                     outcome.this_run += 1
                     since_checkpoint += 1
@@ -822,6 +833,11 @@ class Replay:
                     return outcome
                 if producer is not None:
                     producer.poll(0)
+        if outcome.problem:
+            problem = outcome.problem
+            if not checkpoint():  # keep what the broker confirmed before the problem
+                outcome.problem = f"{problem}; {outcome.problem}"
+            return outcome
         if self.stop_requested and not reached_limit:
             outcome.interrupted = True
             checkpoint()
