@@ -18,10 +18,15 @@ Families (every one also carries ``flow``):
   counts its input records) or ``drained`` (they reached a ``Drain()``).
 - ``loom_step_seconds{node}``: one observation per record a step processed
   (synchronous steps: each record of a chunk at the chunk's mean time; async
-  steps: each call's own duration, its wait for a concurrency slot excluded).
+  steps: each call's own duration, its wait for a concurrency slot excluded;
+  with ``retry``, every attempt is a call, its backoff excluded).
+- ``loom_step_retries_total{node}``: calls a step with ``retry`` made again
+  after a failure (a record that succeeds at its third attempt counts 2),
+  counted when the retry call starts.
 - ``loom_async_in_flight{node, worker}``: async calls running now (at most
-  ``max_concurrency``); ``loom_async_queued{node, worker}``: records handed to
-  the node and waiting for a slot.
+  ``max_concurrency``; a retry waiting for its backoff holds its slot and
+  counts); ``loom_async_queued{node, worker}``: records handed to the node
+  and waiting for a slot.
 - ``loom_poll_batch_records``, ``loom_in_flight_records{worker}``,
   ``loom_committed_offset{topic, partition}``, ``loom_consumer_lag{topic, partition}``.
 """
@@ -82,6 +87,12 @@ class FlowMetrics:
             "Seconds a step spends per record (sync: chunk mean per record; async: per call).",
             ["flow", "node"],
             buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "loom_step_retries",
+            "Calls a step made again after a failure (Retry), first attempts not counted.",
+            ["flow", "node"],
             registry=registry,
         )
         self.batch_records = Histogram(

@@ -76,19 +76,52 @@ class Drain:
 
 
 @dataclass(frozen=True)
+class Retry:
+    """Run a failing step again: up to ``attempts`` calls in all, waiting between them.
+
+    The wait before the second call is ``backoff_ms``, and it doubles for each
+    call after that, capped at ``max_backoff_ms`` (``None``: no cap); no
+    jitter, so the waits are the same in every run. ``on`` lists the
+    exception classes worth another call; empty (the default) means any
+    ``Exception``, an async step's ``AsyncTimeout`` (``TIMEOUT``) included.
+    A ``BusinessError`` is a verdict on the record, not a glitch: it is
+    retried only when ``on`` lists ``BusinessError`` or a subclass it is an
+    instance of. After the last call the record is dead-lettered as today,
+    its ``attempt`` counting every call made. ``compile_flow`` checks the
+    values (``attempts >= 1``, ``0 <= backoff_ms <= max_backoff_ms``, ``on``
+    a tuple of exception classes).
+    """
+
+    attempts: int
+    backoff_ms: int
+    max_backoff_ms: int | None = None
+    on: tuple[type[Exception], ...] = ()
+
+
+@dataclass(frozen=True)
 class RecordStep:
-    """Apply ``fn`` to each record: ``T -> U``; returning ``None`` drops it."""
+    """Apply ``fn`` to each record: ``T -> U``; returning ``None`` drops it.
+
+    With ``retry``, a record whose call failed waits for its backoff off the
+    chunk (the others go on at once) and is run again on a later chunk or
+    tick: it leaves behind records read after it (see :class:`Retry`).
+    """
 
     fn: Callable[..., Any]
     name: str | None = None
+    retry: Retry | None = None
 
 
 @dataclass(frozen=True)
 class ExpandStep:
-    """Apply ``fn`` to each record: ``T -> Iterable[U]`` (zero or more outputs)."""
+    """Apply ``fn`` to each record: ``T -> Iterable[U]`` (zero or more outputs).
+
+    ``retry`` as for :class:`RecordStep`.
+    """
 
     fn: Callable[..., Iterable[Any]]
     name: str | None = None
+    retry: Retry | None = None
 
 
 @dataclass(frozen=True)
@@ -107,10 +140,14 @@ class CollectBatch:
 
 @dataclass(frozen=True)
 class BatchStep:
-    """Apply ``fn`` to a batch from :class:`CollectBatch`: ``list[T] -> Iterable[U]``."""
+    """Apply ``fn`` to a batch from :class:`CollectBatch`: ``list[T] -> Iterable[U]``.
+
+    ``retry`` as for :class:`RecordStep`: the whole batch is called again.
+    """
 
     fn: Callable[..., Iterable[Any]]
     name: str | None = None
+    retry: Retry | None = None
 
 
 @dataclass(frozen=True)
@@ -125,12 +162,20 @@ class WithAsync:
     starts as soon as any call finishes. Results leave in input order, so
     per-partition order is preserved (a slow call holds back the ones after
     it, never more than the window).
+
+    With ``retry`` (here, or on the step it wraps, not both) a failed call
+    waits for its backoff (``anyio.sleep``) in its own task and runs again;
+    a ``TIMEOUT`` counts as a failure. A waiting retry keeps its concurrency
+    slot, so ``max_concurrency`` still bounds the load on the dependency
+    being retried; other records keep using the other slots, and results
+    still leave in input order.
     """
 
     fn: Callable[..., Any] | RecordStep | ExpandStep | BatchStep
     max_concurrency: int = 100
     timeout_ms: int | None = None
     name: str | None = None
+    retry: Retry | None = None
 
 
 Terminal: TypeAlias = IntoTopic[Any] | IntoSink | Drain

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from loom.streaming.compiler import Compiler, Stream
-from loom.streaming.errors import ErrorKind
+from loom.streaming.errors import BusinessError, ErrorKind
 from loom.streaming.nodes import (
     BatchStep,
     CollectBatch,
@@ -22,6 +22,7 @@ from loom.streaming.nodes import (
     IntoSink,
     IntoTopic,
     RecordStep,
+    Retry,
     Router,
     WithAsync,
     display_name,
@@ -31,6 +32,7 @@ from loom.streaming.plan import (
     CollectPlan,
     DrainPlan,
     NamedSinkPlan,
+    RetryPlan,
     RoutePlan,
     RouterPlan,
     StepKind,
@@ -57,6 +59,57 @@ def topic_detail(payload: Any, codec: str) -> str:
     return f"{type_name(payload)} ({codec})" if payload is not None else codec
 
 
+# -- Retry: a step's policy for calling again after a failure ----------------
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def compile_retry(compiler: Compiler, retry: Any, where: str) -> RetryPlan | None:
+    """Check a step's ``retry`` and return its plan (``None``: no retry, or invalid)."""
+    if retry is None:
+        return None
+    if not isinstance(retry, Retry):
+        compiler.problem(f"{where}: retry must be a Retry(...), got {retry!r}")
+        return None
+    valid = True
+    if not _is_count(retry.attempts) or retry.attempts < 1:
+        compiler.problem(f"{where}: Retry attempts must be an int >= 1, got {retry.attempts!r}")
+        valid = False
+    if not _is_count(retry.backoff_ms) or retry.backoff_ms < 0:
+        compiler.problem(f"{where}: Retry backoff_ms must be an int >= 0, got {retry.backoff_ms!r}")
+        valid = False
+    cap = retry.max_backoff_ms
+    if cap is not None and (
+        not _is_count(cap) or (_is_count(retry.backoff_ms) and cap < retry.backoff_ms)
+    ):
+        compiler.problem(
+            f"{where}: Retry max_backoff_ms must be None or an int >= backoff_ms "
+            f"({retry.backoff_ms!r}), got {cap!r}"
+        )
+        valid = False
+    on = retry.on
+    if not isinstance(on, tuple) or not all(
+        isinstance(cls, type) and issubclass(cls, Exception) for cls in on
+    ):
+        compiler.problem(
+            f"{where}: Retry on must be a tuple of Exception classes (empty: any "
+            f"Exception), got {on!r}"
+        )
+        valid = False
+    if not valid:
+        return None
+    business = tuple(cls for cls in on if issubclass(cls, BusinessError))
+    return RetryPlan(retry.attempts, retry.backoff_ms, cap, on, business)
+
+
+def retry_line(retry: Retry) -> str:
+    """The label line of a step with ``retry``: ``retry 3, backoff 10 ms (max 80)``."""
+    line = f"retry {retry.attempts}, backoff {retry.backoff_ms} ms"
+    return line if retry.max_backoff_ms is None else f"{line} (max {retry.max_backoff_ms})"
+
+
 # -- RecordStep, ExpandStep, BatchStep: a synchronous function ----------------
 
 
@@ -67,6 +120,7 @@ def _compile_step(
     kind = _STEP_KINDS[type(node)]
     node_id = compiler.claim_id(node.name or display_name(node.fn))
     where = f"{type(node).__name__} {node_id!r}"
+    retry = compile_retry(compiler, node.retry, where)
     sig = compiler.signature(node.fn, where)
     compiler.check_batching(kind, stream, where)
     if sig is None:
@@ -77,11 +131,14 @@ def _compile_step(
         )
     compiler.check_type(stream, sig.accepts, where)
     compiler.advance(stream, kind, sig.returns)
-    return StepPlan(node_id, kind, node.fn, sig.takes_message)
+    return StepPlan(node_id, kind, node.fn, sig.takes_message, retry)
 
 
 def _draw_step(node: RecordStep | ExpandStep | BatchStep) -> Drawing:
-    return Drawing(("[", "]"), (f"{type(node).__name__}: {node.name or display_name(node.fn)}",))
+    lines: tuple[str, ...] = (f"{type(node).__name__}: {node.name or display_name(node.fn)}",)
+    if isinstance(node.retry, Retry):
+        lines += (retry_line(node.retry),)
+    return Drawing(("[", "]"), lines)
 
 
 def _step_failures(plan: Any) -> tuple[ErrorKind, ...]:
@@ -116,6 +173,10 @@ def _compile_async(
         compiler.problem(f"{where}: max_concurrency must be >= 1, got {node.max_concurrency}")
     if node.timeout_ms is not None and node.timeout_ms < 1:
         compiler.problem(f"{where}: timeout_ms must be >= 1 or None, got {node.timeout_ms}")
+    inner_retry = getattr(node.fn, "retry", None)
+    if node.retry is not None and inner_retry is not None:
+        compiler.problem(f"{where}: retry is set on WithAsync and on the step it wraps; keep one")
+    retry = compile_retry(compiler, _async_retry(node), where)
     compiler.check_batching(kind, stream, where)
     sig = compiler.signature(fn, where)
     if sig is None:
@@ -124,7 +185,14 @@ def _compile_async(
         compiler.problem(f"{where}: {display_name(fn)} is not an async function (use RecordStep)")
     compiler.check_type(stream, sig.accepts, where)
     compiler.advance(stream, kind, sig.returns)
-    return AsyncPlan(node_id, kind, fn, sig.takes_message, node.max_concurrency, node.timeout_ms)
+    return AsyncPlan(
+        node_id, kind, fn, sig.takes_message, node.max_concurrency, node.timeout_ms, retry
+    )
+
+
+def _async_retry(node: WithAsync) -> Any:
+    """The node's retry: its own, or that of the step it wraps."""
+    return node.retry if node.retry is not None else getattr(node.fn, "retry", None)
 
 
 def _async_failures(plan: AsyncPlan) -> tuple[ErrorKind, ...]:
@@ -135,7 +203,11 @@ def _draw_async(node: WithAsync) -> Drawing:
     limits = f"max_concurrency {node.max_concurrency}"
     if node.timeout_ms is not None:
         limits += f", timeout {node.timeout_ms} ms"
-    return Drawing(("([", "])"), (f"WithAsync: {_async_name(node)}", limits))
+    lines: tuple[str, ...] = (f"WithAsync: {_async_name(node)}", limits)
+    retry = _async_retry(node)
+    if isinstance(retry, Retry):
+        lines += (retry_line(retry),)
+    return Drawing(("([", "])"), lines)
 
 
 register(NodeType(WithAsync, AsyncPlan, "step", _compile_async, _async_failures, _draw_async))

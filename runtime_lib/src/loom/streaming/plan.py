@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 from loom.streaming.codecs import Codec
-from loom.streaming.errors import ErrorKind
+from loom.streaming.errors import BusinessError, ErrorKind
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,38 @@ class SourcePlan:
 
 StepKind = Literal["record", "expand", "batch"]
 
+_MAX_DOUBLINGS = 40
+"""Doublings of an uncapped backoff (a wait of ``backoff_ms * 2**40``, years)."""
+
+
+@dataclass(frozen=True)
+class RetryPlan:
+    """A validated ``Retry``: how many calls, the waits between them, what is retried.
+
+    ``on`` are the listed classes (empty: any ``Exception``); ``business``
+    those of them that are ``BusinessError``s, the only ones a
+    ``BusinessError`` is retried for.
+    """
+
+    attempts: int
+    backoff_ms: int
+    max_backoff_ms: int | None
+    on: tuple[type[Exception], ...]
+    business: tuple[type[Exception], ...]
+
+    def retryable(self, error: BaseException) -> bool:
+        """Whether a call that raised ``error`` may be made again (attempts aside)."""
+        if isinstance(error, BusinessError):
+            return isinstance(error, self.business)
+        return isinstance(error, self.on) if self.on else True
+
+    def delay_s(self, made: int) -> float:
+        """Seconds to wait after the ``made``-th failed call before the next one."""
+        delay = self.backoff_ms * 2.0 ** min(made - 1, _MAX_DOUBLINGS)
+        if self.max_backoff_ms is not None:
+            delay = min(delay, self.max_backoff_ms)
+        return delay / 1000
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -42,6 +74,7 @@ class StepPlan:
     kind: StepKind
     fn: Callable[..., Any]
     takes_message: bool
+    retry: RetryPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +94,7 @@ class AsyncPlan:
     takes_message: bool
     max_concurrency: int
     timeout_ms: int | None
+    retry: RetryPlan | None = None
 
 
 @dataclass(frozen=True)

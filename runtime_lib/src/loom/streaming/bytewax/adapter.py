@@ -23,7 +23,7 @@ from loom.delivery.transport import Transport
 from loom.observability import ObservabilityRuntime
 from loom.observability.logs import DeadLetterLog
 from loom.observability.metrics import DropReason, observe_many
-from loom.streaming.bytewax.bridge import AsyncBridge, AsyncOp
+from loom.streaming.bytewax.bridge import AsyncBridge, AsyncOp, RetryingAsyncOp
 from loom.streaming.bytewax.operators import (
     ChunkOp,
     CollectOp,
@@ -40,6 +40,7 @@ from loom.streaming.bytewax.operators import (
 )
 from loom.streaming.bytewax.outputs import AckingSink, TopicSink
 from loom.streaming.bytewax.records import Chunk, Failure, Outbound
+from loom.streaming.bytewax.retries import RetryOp
 from loom.streaming.bytewax.source import FlowSource
 from loom.streaming.bytewax.worker import RunState
 from loom.streaming.errors import ErrorKind
@@ -165,6 +166,8 @@ class DataflowBuilder:
     # -- the built-in operators (registered at the end of the module) -------
 
     def _step(self, step: StepPlan, stream: Stream[Chunk]) -> Stream[Chunk]:
+        if step.retry is not None:  # decided once per step, not per record
+            return self.map_step(step.node_id, stream, RetryOp(self.plan.name, step, self.metrics))
         if step.kind == "record":
             return self.map_step(step.node_id, stream, RecordOp(self.plan.name, step, self.metrics))
         return self.map_step(step.node_id, stream, ExpandOp(self.plan.name, step, self.metrics))
@@ -172,7 +175,8 @@ class DataflowBuilder:
     def _async(self, step: AsyncPlan, stream: Stream[Chunk]) -> Stream[Chunk]:
         if self.bridge is None:
             raise RuntimeError(f"{step.node_id} is async but the run has no AsyncBridge")
-        operator = AsyncOp(self.plan.name, step, self.bridge, self.run, self.metrics)
+        op_class = AsyncOp if step.retry is None else RetryingAsyncOp
+        operator = op_class(self.plan.name, step, self.bridge, self.run, self.metrics)
         return self.map_step(step.node_id, stream, operator, timed=False)  # times each call
 
     def _collect(self, step: CollectPlan, stream: Stream[Chunk]) -> Stream[Chunk]:

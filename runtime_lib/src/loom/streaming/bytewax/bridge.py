@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -40,13 +40,14 @@ from loom.streaming.bytewax.records import (
     failures_for,
     format_traceback,
 )
+from loom.streaming.bytewax.retries import attempt_failures
 from loom.streaming.bytewax.worker import RunState
 from loom.streaming.errors import ErrorKind
-from loom.streaming.plan import AsyncPlan
+from loom.streaming.plan import AsyncPlan, RetryPlan
 
 logger = logging.getLogger("loom.streaming.async")
 
-__all__ = ["AsyncBridge", "AsyncOp", "AsyncTimeout"]
+__all__ = ["AsyncBridge", "AsyncOp", "AsyncTimeout", "RetryingAsyncOp"]
 
 
 class AsyncBridge:
@@ -319,3 +320,92 @@ class AsyncOp:
         if results:
             return 0
         return 1 if rec.members is None else len(rec.members)
+
+
+class _Exhausted(NamedTuple):
+    """A call that failed after ``made`` attempts (more than one)."""
+
+    error: Exception
+    made: int
+
+
+class RetryingAsyncOp(AsyncOp):
+    """The operator of a ``WithAsync`` node with ``retry``.
+
+    A failed call with a retryable error (a ``TIMEOUT`` included, see
+    ``Retry``) waits for its backoff with ``anyio.sleep`` inside its runner,
+    then runs again: the event loop, the worker and the other runners go on
+    meanwhile. The waiting call keeps its concurrency slot (its runner), so at
+    most ``max_concurrency`` calls, waiting retries included, are in flight
+    and the dependency being retried never sees more load than that. Results
+    still leave in input order: a record waiting for a retry holds back the
+    results after it, as a slow call does, and holds its ack (the commit
+    point stays below it). The adapter picks this class only for a node with
+    ``retry``: ``AsyncOp`` runs unchanged without one.
+    """
+
+    def __init__(
+        self,
+        flow: str,
+        plan: AsyncPlan,
+        bridge: AsyncBridge,
+        run: RunState,
+        metrics: FlowMetrics | None = None,
+    ) -> None:
+        super().__init__(flow, plan, bridge, run, metrics)
+        assert plan.retry is not None
+        self.policy: RetryPlan = plan.retry
+        self._retries = metrics.retries.labels(flow, self.node) if metrics is not None else None
+
+    async def _runner(self, lane: _Lane) -> None:
+        queue, results, seconds = lane.queue, lane.results, self._seconds
+        clock = time.perf_counter
+        try:
+            while queue:
+                seq, argument = queue.popleft()
+                lane.running += 1
+                try:
+                    results[seq] = await self._attempts(argument, seconds, clock)
+                finally:
+                    lane.running -= 1
+        finally:
+            lane.runners -= 1
+            if seconds is not None:
+                seconds.flush()
+
+    async def _attempts(
+        self, argument: Any, seconds: BatchedObserver | None, clock: Callable[[], float]
+    ) -> tuple[bool, Any]:
+        """Call until a call succeeds, fails for good, or the attempts run out."""
+        policy, made = self.policy, 0
+        while True:
+            made += 1
+            started = clock()
+            try:
+                return (True, await self._invoke(argument))
+            except Exception as exc:
+                if made >= policy.attempts or not policy.retryable(exc):
+                    return (False, exc if made == 1 else _Exhausted(exc, made))
+            finally:
+                if seconds is not None:
+                    seconds.observe(clock() - started)
+            await anyio.sleep(policy.delay_s(made))
+            if self._retries is not None:
+                self._retries.inc()
+
+    def _resolve(
+        self,
+        rec: Rec,
+        ok: bool,
+        value: Any,
+        out: list[Rec],
+        failed: list[Failure],
+        *,
+        traced: bool,
+    ) -> int:
+        if not ok and isinstance(value, _Exhausted):
+            error = value.error
+            kind = ErrorKind.TIMEOUT if isinstance(error, AsyncTimeout) else error_kind_of(error)
+            failed += attempt_failures(self.flow, self.node, kind, rec, error, made=value.made)
+            return 0
+        return super()._resolve(rec, ok, value, out, failed, traced=traced)
