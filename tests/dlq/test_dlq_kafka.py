@@ -293,6 +293,24 @@ def test_a_missing_destination_stops_the_replay_before_it_and_a_rerun_resumes_th
     assert [m.key() for m in cluster.read(later, 1)] == [b"k-1"]
 
 
+def test_dead_letters_written_after_a_job_started_are_not_part_of_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    source, target = cluster.topic(1, "dlq"), f"dest-{uuid.uuid4().hex[:8]}"
+    write_dead_letters(cluster.bootstrap, source, [envelope(i) for i in range(3)])
+    args = ("replay", source, "--to", target, "--state-dir", str(tmp_path))
+    failed = loom_dlq(*args, bootstrap=cluster.bootstrap, cwd=tmp_path)
+    assert failed.returncode == 1  # the destination does not exist yet: the job started
+    assert read_state(tmp_path)["ends"] == {"0": 3}
+    write_dead_letters(cluster.bootstrap, source, [envelope(i) for i in range(3, 5)])
+    from confluent_kafka.admin import NewTopic
+
+    cluster.admin.create_topics([NewTopic(target, 1)])[target].result()
+    resumed = loom_dlq(*args, bootstrap=cluster.bootstrap, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m.key() for m in cluster.read(target, 3)] == [b"k-0", b"k-1", b"k-2"]
+
+
 # ------------------------------------------------------------------ inspect
 
 

@@ -715,6 +715,8 @@ class Replay:
                     started_at=now,
                     updated_at=now,
                 )
+                if not self.dry_run:  # the id and the ends hold from now on, even after a kill
+                    save_state(path, state)
             if self.to is not None:
                 _partitions(consumer, self.to)
             return self._replay(consumer, state, path)
