@@ -15,6 +15,8 @@ from typing import Any
 
 import anyio
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from loom.config import ConfigContext
 from loom.graph import mermaid
@@ -418,3 +420,31 @@ def test_async_retries_are_counted_in_a_metric() -> None:
     labels = {"flow": "orders", "node": "call"}
     retries = observability.registry.get_sample_value("loom_step_retries_total", labels)
     assert retries == sum(step.calls.values()) - 4 == 2
+
+
+# -- traced records -----------------------------------------------------------
+
+
+def test_a_traced_record_retried_on_a_later_tick_ends_its_span_once_delivered(
+    observability: ObservabilityRuntime, exporter: InMemorySpanExporter
+) -> None:
+    step = Flaky({"o1"}, failures=1)
+    tester = TestRunner(
+        enrich_flow(RecordStep(step, retry=Retry(2, 20))), observability_runtime=observability
+    )
+    for index, order in enumerate(orders(2)):
+        parent = f"00-{'ab' * 16}-{index + 1:016x}-01".encode()
+        tester.send(order, headers=[("traceparent", parent)])
+    result = tester.run()
+    spans = {
+        span.parent.span_id - 1: span
+        for span in exporter.get_finished_spans()
+        if span.name.startswith("process") and span.parent is not None
+    }
+    assert sorted(spans) == [0, 1]
+    retried = spans[1]
+    assert retried.attributes is not None
+    assert retried.attributes.get("loom.outcome") == "delivered"
+    assert retried.status.status_code is StatusCode.OK
+    [output] = [r for r in result.records("output") if b'"o1"' in (r.value_bytes or b"")]
+    assert f"{retried.context.span_id:016x}" in dict(output.header_list)["traceparent"].decode()
