@@ -340,8 +340,10 @@ class RetryingAsyncOp(AsyncOp):
     and the dependency being retried never sees more load than that. Results
     still leave in input order: a record waiting for a retry holds back the
     results after it, as a slow call does, and holds its ack (the commit
-    point stays below it). The adapter picks this class only for a node with
-    ``retry``: ``AsyncOp`` runs unchanged without one.
+    point stays below it). A stop waits for a waiting retry as for any call
+    in flight (within the drain timeout and ``force_shutdown_timeout_ms``).
+    The adapter picks this class only for a node with ``retry``: ``AsyncOp``
+    runs unchanged without one.
     """
 
     def __init__(

@@ -24,6 +24,11 @@ partition stays below it until its retry succeeds, or its last attempt is
 dead-lettered. On a drain, parked records keep their backoff: the drain waits
 for them (within the drain timeout; past it they stay uncommitted and are
 read again).
+
+Load: parked records count as in flight, so while a dependency is down and
+every record waits, the source stops polling once ``max_in_flight`` records
+are unfinished (memory stays bounded). ``loom_step_seconds`` times each chunk
+over its new records; calls of parked records made on a tick are not timed.
 """
 
 from __future__ import annotations
