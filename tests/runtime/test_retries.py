@@ -120,6 +120,13 @@ def test_backoff_doubles_up_to_its_cap_without_jitter() -> None:
     assert [step.retry.delay_s(made) for made in range(1, 6)] == [0.01, 0.02, 0.04, 0.05, 0.05]
 
 
+def test_a_single_attempt_compiles_to_no_retry() -> None:
+    plan = compile_flow(enrich_flow(RecordStep(enrich, retry=Retry(1, 10))), CONFIG)
+    step = plan.root.steps[0]
+    assert isinstance(step, StepPlan)
+    assert step.retry is None
+
+
 def test_the_retry_of_a_wrapped_step_is_the_async_nodes_retry() -> None:
     async def call(order: Order) -> Enriched:
         return enrich(order)

@@ -79,6 +79,8 @@ class Drain:
 class Retry:
     """Run a failing step again: up to ``attempts`` calls in all, waiting between them.
 
+    ``attempts=1`` is one call, no retry (the step runs as without ``retry``).
+
     The wait before the second call is ``backoff_ms``, and it doubles for each
     call after that, capped at ``max_backoff_ms`` (``None``: no cap); no
     jitter, so the waits are the same in every run. ``on`` lists the

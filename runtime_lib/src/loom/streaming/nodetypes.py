@@ -98,8 +98,8 @@ def compile_retry(compiler: Compiler, retry: Any, where: str) -> RetryPlan | Non
             f"Exception), got {on!r}"
         )
         valid = False
-    if not valid:
-        return None
+    if not valid or retry.attempts == 1:
+        return None  # one call in all is no retry: the step runs its plain operator
     business = tuple(cls for cls in on if issubclass(cls, BusinessError))
     return RetryPlan(retry.attempts, retry.backoff_ms, cap, on, business)
 

@@ -97,11 +97,6 @@ class RetryOp:
         self._parked: dict[int, _Parked] = {}
         self._seq = itertools.count()
 
-    def parked(self, worker: int) -> int:
-        """Records of ``worker`` waiting for a retry now."""
-        parked = self._parked.get(worker)
-        return len(parked.heap) if parked is not None else 0
-
     def __call__(self, chunk: Chunk) -> Chunk:
         parked = self._parked.get(chunk.worker)
         if parked is None:
