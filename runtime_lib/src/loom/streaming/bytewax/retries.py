@@ -43,7 +43,14 @@ from prometheus_client import Counter
 
 from loom.observability.metrics import DropReason, FlowMetrics
 from loom.streaming.bytewax.operators import fan_out, materialise, note_dropped, step_argument
-from loom.streaming.bytewax.records import Chunk, Failure, Rec, error_kind_of, failures_for
+from loom.streaming.bytewax.records import (
+    PAYLOAD_TYPES,
+    Chunk,
+    Failure,
+    Rec,
+    error_kind_of,
+    failures_for,
+)
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import RetryPlan, StepPlan
 
@@ -115,8 +122,22 @@ class RetryOp:
             dropped += self._call(rec, made, now, parked, out=out, failed=failed)
         if chunk.traced and chunk.records:
             parked.traced = True
-        for rec in chunk.records:
-            dropped += self._call(rec, 0, now, parked, out=out, failed=failed)
+        fn, takes_message = self.fn, self.takes_message
+        if self.record:  # inline, as RecordOp: new records mostly succeed
+            for rec in chunk.records:
+                try:
+                    result = fn(rec.as_message() if takes_message else rec.value)
+                except Exception as exc:
+                    self._failed(rec, exc, 1, now, parked, failed=failed)
+                    continue
+                if result is not None and type(result) in PAYLOAD_TYPES:
+                    rec.value = result
+                    out.append(rec)
+                else:
+                    dropped += self._emit(rec, result, out)
+        else:
+            for rec in chunk.records:
+                dropped += self._call(rec, 0, now, parked, out=out, failed=failed)
         if not heap:
             parked.traced = False
         if retried and self.retries is not None:
@@ -142,16 +163,30 @@ class RetryOp:
             if not self.record:
                 result = materialise(result)
         except Exception as exc:
-            made += 1
-            policy = self.policy
-            if made < policy.attempts and policy.retryable(exc):
-                due = now + policy.delay_s(made)
-                heapq.heappush(parked.heap, (due, next(self._seq), rec, made))
-                return 0
-            failed += attempt_failures(
-                self.flow, self.node, error_kind_of(exc), rec, exc, made=made
-            )
+            self._failed(rec, exc, made + 1, now, parked, failed=failed)
             return 0
+        return self._emit(rec, result, out)
+
+    def _failed(
+        self,
+        rec: Rec,
+        exc: Exception,
+        made: int,
+        now: float,
+        parked: _Parked,
+        *,
+        failed: list[Failure],
+    ) -> None:
+        """``rec``'s ``made``-th call raised ``exc``: park it for a retry, or fail it."""
+        policy = self.policy
+        if made < policy.attempts and policy.retryable(exc):
+            due = now + policy.delay_s(made)
+            heapq.heappush(parked.heap, (due, next(self._seq), rec, made))
+            return
+        failed += attempt_failures(self.flow, self.node, error_kind_of(exc), rec, exc, made=made)
+
+    def _emit(self, rec: Rec, result: Any, out: list[Rec]) -> int:
+        """Pass on a successful call's result; returns the input records it dropped."""
         if self.record:
             if result is None:
                 note_dropped(rec, self.node, self.reason)
