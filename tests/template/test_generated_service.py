@@ -408,7 +408,12 @@ def test_the_compose_file_is_valid_and_complete(generated: Generated) -> None:
     [job] = prometheus["scrape_configs"]
     assert job["static_configs"][0]["targets"] == [f"{variant.service_name}:{port}"]
     mounts = services["prometheus"]["volumes"]
-    assert mounts == ["./observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro"]
+    assert mounts == [
+        "./observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro",
+        "./observability/alerts.yml:/etc/prometheus/alerts.yml:ro",
+    ]
+    # The stack's Prometheus evaluates the service's alert rules.
+    assert prometheus["rule_files"] == ["/etc/prometheus/alerts.yml"]
     # Grafana: the generated dashboard on the stack's Prometheus, provisioned read-only.
     grafana = services["grafana"]
     assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])
