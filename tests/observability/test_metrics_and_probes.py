@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loom.observability import ObservabilityRuntime
@@ -77,6 +78,9 @@ def test_a_known_run_is_counted_exactly_and_scraped_over_http(cluster: Cluster) 
         metrics = samples(http_get(f"{url}/metrics")[1])
         run.stop()
     flow = "orders"
+    assert value(metrics, "loom_ready", flow=flow) == 1  # what /readyz said
+    after = samples(generate_latest(observability.registry).decode())
+    assert value(after, "loom_ready", flow=flow) == 0  # the run is over
     assert value(metrics, "loom_records_consumed_total", flow=flow, topic=topics["input"]) == 1000
     assert value(metrics, "loom_records_produced_total", flow=flow, topic=topics["output"]) == 985
     dead = {"flow": flow, "topic": topics["dlq"]}

@@ -106,6 +106,7 @@ def runtime_metric_names() -> set[str]:
     metrics.dead_lettered.labels("f", "t", "WIRE", "n").inc()
     metrics.committed.labels("f", "t", "0").set(1)
     metrics.lag.labels("f", "t", "0").set(1)
+    metrics.ready.labels("f").set(1)
     families = text_string_to_metric_families(generate_latest(registry).decode())
     return {sample.name for family in families for sample in family.samples}
 

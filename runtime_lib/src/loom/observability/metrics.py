@@ -102,6 +102,12 @@ class FlowMetrics:
             buckets=_BATCH_BUCKETS,
             registry=registry,
         )
+        self.ready = Gauge(
+            "loom_ready",
+            "1 while the process serves: every worker has its partitions (as /readyz), else 0.",
+            ["flow"],
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "loom_in_flight_records",
             "Records consumed and not yet finished, per worker.",

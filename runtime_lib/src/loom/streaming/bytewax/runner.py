@@ -523,9 +523,13 @@ class StreamingRunner:
                 f"{exc.strerror or exc}"
             ) from None
         self.probe_port = server.port
+        # loom_ready says what /readyz says, read at scrape time.
+        ready = self._observability.metrics.ready.labels(self.plan.name)
+        ready.set_function(lambda: float(run.ready))
         try:
             yield
         finally:
+            ready.set_function(lambda: 0.0)
             server.stop()
 
     @property
