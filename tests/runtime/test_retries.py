@@ -34,9 +34,18 @@ from loom.streaming import (
     WithAsync,
     compile_flow,
 )
+from loom.streaming.bytewax.runner import BytewaxRuntimeConfig
 from loom.streaming.plan import AsyncPlan, StepPlan
 from loom.streaming.testing import RunResult, TestRunner
 from tests.runtime.payloads import Enriched, Order, enrich, enrich_flow, orders
+from tests.runtime.test_async import BACKENDS, Backend
+
+
+@pytest.fixture(params=BACKENDS, ids=[backend.name for backend in BACKENDS])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Async retries on every event loop: asyncio, uvloop and trio."""
+    return request.param  # type: ignore[no-any-return]
+
 
 CONFIG = ConfigContext.from_dict({"topics": {t: t for t in ("input", "output", "dlq")}})
 
@@ -45,10 +54,15 @@ def ids(result: RunResult, topic: str = "output") -> list[str]:
     return [value["id"] for value in result.values(topic)]
 
 
-def run(*steps: object, inputs: list[Order], **kwargs: Any) -> RunResult:
+def run(
+    *steps: object,
+    inputs: list[Order],
+    runtime: BytewaxRuntimeConfig | None = None,
+    **kwargs: Any,
+) -> RunResult:
     tester = TestRunner(enrich_flow(*steps), **kwargs)
     tester.send_all(inputs)
-    return tester.run()
+    return tester.run(runtime=runtime)
 
 
 class Flaky:
@@ -297,9 +311,9 @@ def test_retries_are_counted_in_a_metric() -> None:
 # -- async steps --------------------------------------------------------------
 
 
-def test_an_async_step_succeeds_after_failures() -> None:
+def test_an_async_step_succeeds_after_failures(backend: Backend) -> None:
     step = AsyncFlaky({"o1"}, failures=2)
-    result = run(WithAsync(step.call, retry=Retry(3, 1)), inputs=orders(3))
+    result = run(WithAsync(step.call, retry=Retry(3, 1)), inputs=orders(3), runtime=backend.runtime)
     assert ids(result) == ["o0", "o1", "o2"]  # input order, as without retry
     assert step.calls == {"o0": 1, "o1": 3, "o2": 1}
 
@@ -340,7 +354,7 @@ def test_an_async_retry_waiting_for_its_backoff_holds_its_slot() -> None:
     assert events == ["o0#1", "o0#2", "o0#3", "o1#1"]
 
 
-def test_an_async_timeout_is_retried() -> None:
+def test_an_async_timeout_is_retried(backend: Backend) -> None:
     calls: Counter[str] = Counter()
 
     async def slow_once(order: Order) -> Enriched:
@@ -350,7 +364,11 @@ def test_an_async_timeout_is_retried() -> None:
         return enrich(order)
 
     started = time.monotonic()
-    result = run(WithAsync(slow_once, timeout_ms=50, retry=Retry(2, 1)), inputs=orders(2))
+    result = run(
+        WithAsync(slow_once, timeout_ms=50, retry=Retry(2, 1)),
+        inputs=orders(2),
+        runtime=backend.runtime,
+    )
     assert time.monotonic() - started < 30  # the hung calls were cut by the timeout
     assert ids(result) == ["o0", "o1"]
     assert result.records("dlq") == []
