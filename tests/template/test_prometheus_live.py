@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,24 +28,16 @@ from typing import Any
 
 import pytest
 import yaml
-from confluent_kafka import Producer
 
 from loom.devtools.broker import DevBroker, free_port
+from loom.devtools.pytest_plugin import http_get
+from loom.devtools.pytest_plugin import produce as produce_records
+from tests.containers.support import wait_for
 from tests.template.prometheus_tools import prometheus_binary
 from tests.template.support import render
 
 SERVICE = "orders-enricher"
 PACKAGE = "orders_enricher"
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll until ``predicate()`` is truthy and return it; fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.1)
-    return result
 
 
 def get_json(url: str) -> Any:
@@ -56,20 +48,11 @@ def get_json(url: str) -> Any:
         return None
 
 
-def answers(url: str) -> bool:
-    """``url`` answers 200 (a probe: ``/readyz``)."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-    for number, value in enumerate(values):
-        producer.produce(topic, value, f"k-{number}".encode())
-    assert producer.flush(30) == 0, "records still unsent after 30 s"
+    """``values`` keyed ``k-0``, ``k-1``, ... (spread over the partitions)."""
+    produce_records(
+        bootstrap, topic, [(f"k-{i}".encode(), value) for i, value in enumerate(values)]
+    )
 
 
 @dataclass
@@ -185,7 +168,9 @@ def stack(template_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             )
             assert server.alive(), f"prometheus exited: {server.output()}"
             wait_for(
-                lambda: not app.alive() or answers(f"http://127.0.0.1:{metrics_port}/readyz"),
+                lambda: (
+                    not app.alive() or http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
+                ),
                 60,
                 "the service to be ready",
             )

@@ -145,8 +145,9 @@ def _command(args: argparse.Namespace) -> int:
         print(f"loom env: cannot load {args.target}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     if not args.check:
-        width = max(len(variable.name) for variable in contract(flow))
-        for variable in contract(flow):
+        variables = contract(flow)
+        width = max(len(variable.name) for variable in variables)
+        for variable in variables:
             need = "required" if variable.required else "optional"
             print(f"{variable.name:<{width}}  {need}  {variable.meaning}".rstrip())
         return 0

@@ -24,7 +24,7 @@ from loom.errors import ClusterPeerLostError, StartupError
 from loom.observability import ObservabilityRuntime
 from loom.observability.logs import configure_logging
 from loom.streaming.bytewax.runner import StreamingRunner
-from loom.streaming.compiler import unused_bindings
+from loom.streaming.compiler import logical_topics, unused_bindings
 from loom.streaming.errors import FlowValidationError
 from loom.streaming.nodes import StreamFlow
 
@@ -75,7 +75,6 @@ def run_service(
     except SettingsError as exc:
         _print_problems(flow.name, "invalid settings", exc.problems)
         return EXIT_SETTINGS
-    unused = unused_bindings(flow, config.topics)
     observability = ObservabilityRuntime.from_environment(
         flow.name, batch_span_ratio=config.observability.batch_span_ratio
     )
@@ -84,8 +83,10 @@ def run_service(
             flow, config=config, observability_runtime=observability
         )
     except FlowValidationError as exc:
+        unused = unused_bindings(logical_topics(flow), config.topics)
         _print_problems(flow.name, "invalid settings", [*unused, *exc.problems])
         return EXIT_SETTINGS
+    unused = unused_bindings(runner.plan.logical_topics(), config.topics)
     if unused:
         _print_problems(flow.name, "invalid settings", unused)
         return EXIT_SETTINGS

@@ -17,7 +17,7 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,14 +336,15 @@ def compile_unbound(flow: StreamFlow[Any, Any]) -> FlowPlan:
     return compile_flow(flow, config)
 
 
-def unused_bindings(flow: StreamFlow[Any, Any], topics: Mapping[str, str]) -> list[str]:
-    """Bindings in ``topics`` for logical topics ``flow`` does not declare, one line each.
+def unused_bindings(declared: Sequence[str], topics: Mapping[str, str]) -> list[str]:
+    """Bindings in ``topics`` for logical topics not in ``declared``, one line each.
 
-    :func:`compile_flow` accepts them (one config file may serve several
-    flows); a service, whose environment belongs to one flow, refuses them:
-    ``LOOM_TOPICS__INPUTT`` is a typo, not a setting to ignore.
+    ``declared`` are a flow's logical topics (:func:`logical_topics`, or a
+    compiled plan's ``logical_topics()``). :func:`compile_flow` accepts other
+    bindings (one config file may serve several flows); a service, whose
+    environment belongs to one flow, refuses them: ``LOOM_TOPICS__INPUTT`` is
+    a typo, not a setting to ignore.
     """
-    declared = logical_topics(flow)
     variables = [topic_variable(topic) for topic in declared]
     problems = []
     for logical in sorted(set(topics).difference(declared)):

@@ -200,6 +200,11 @@ class FlowPlan:
             intervals.append(5)
         return min(intervals) if intervals else None
 
+    def logical_topics(self) -> list[str]:
+        """The flow's logical topics: its source and every topic it writes, each once."""
+        sinks = [t.binding.logical for t in self.sink_terminals() if isinstance(t, TopicSinkPlan)]
+        return list(dict.fromkeys([self.source.binding.logical, *sinks]))
+
     def sink_topics(self) -> list[str]:
         """Physical topics the flow writes to (outputs and dead letters), each once."""
         topics = [t.binding.physical for t in self.sink_terminals() if isinstance(t, TopicSinkPlan)]

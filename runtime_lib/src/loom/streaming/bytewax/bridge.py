@@ -30,7 +30,11 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from loom.config.runtime import AsyncBackend
 from loom.observability.metrics import BatchedObserver, DropReason, FlowMetrics
-from loom.streaming.bytewax.operators import fan_out, materialise, note_dropped, step_argument
+from loom.streaming.bytewax.operators import (
+    emit_result,
+    materialise,
+    step_argument,
+)
 from loom.streaming.bytewax.records import (
     AsyncTimeout,
     Chunk,
@@ -300,26 +304,14 @@ class AsyncOp:
             kind = ErrorKind.TIMEOUT if isinstance(value, AsyncTimeout) else error_kind_of(value)
             failed += failures_for(self.flow, self.node, kind, rec, value)
             return 0
-        if self.plan.kind == "record":
-            if value is None:
-                if traced:
-                    note_dropped(rec, self.node, DropReason.FILTERED)
-                rec.ack.release()
-                return 1 if rec.members is None else len(rec.members)
-            rec.set_result(value)
-            out.append(rec)
-            return 0
-        try:
-            results = materialise(value)
-        except TypeError as exc:
-            failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, exc)
-            return 0
-        if not results and traced:
-            note_dropped(rec, self.node, DropReason.EMPTY)
-        fan_out(rec, results, rec.ack, out)
-        if results:
-            return 0
-        return 1 if rec.members is None else len(rec.members)
+        record = self.plan.kind == "record"
+        if not record:
+            try:
+                value = materialise(value)
+            except TypeError as exc:
+                failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, exc)
+                return 0
+        return emit_result(rec, value, out, record=record, node=self.node, traced=traced)
 
 
 class _Exhausted(NamedTuple):

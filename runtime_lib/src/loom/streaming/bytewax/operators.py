@@ -168,6 +168,34 @@ class ExpandOp(_StepOp):
         return chunk.derive(out, _merge(chunk, failed))
 
 
+def emit_result(
+    rec: Rec, result: Any, out: list[Rec], *, record: bool, node: str, traced: bool
+) -> int:
+    """Pass on one successful call's result; return how many input records it dropped.
+
+    ``record``: a record step's result (``None`` drops the record); otherwise
+    the materialised results of an expand or batch step (none drops it).
+    ``traced``: the record may have a span, to be told why it ends here. For
+    the operators that handle one call at a time (async steps, retried
+    steps); ``RecordOp`` and ``ExpandOp`` inline the same on their hot loops.
+    """
+    if record:
+        if result is None:
+            if traced:
+                note_dropped(rec, node, DropReason.FILTERED)
+            rec.ack.release()
+            return 1 if rec.members is None else len(rec.members)
+        rec.set_result(result)
+        out.append(rec)
+        return 0
+    if not result and traced:
+        note_dropped(rec, node, DropReason.EMPTY)
+    fan_out(rec, result, rec.ack, out)
+    if result:
+        return 0
+    return 1 if rec.members is None else len(rec.members)
+
+
 def materialise(results: Iterable[Any] | None) -> list[Any]:
     if results is None:
         return []

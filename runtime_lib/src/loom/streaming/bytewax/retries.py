@@ -42,7 +42,11 @@ import msgspec
 from prometheus_client import Counter
 
 from loom.observability.metrics import DropReason, FlowMetrics
-from loom.streaming.bytewax.operators import fan_out, materialise, note_dropped, step_argument
+from loom.streaming.bytewax.operators import (
+    emit_result,
+    materialise,
+    step_argument,
+)
 from loom.streaming.bytewax.records import (
     PAYLOAD_TYPES,
     Chunk,
@@ -187,17 +191,4 @@ class RetryOp:
 
     def _emit(self, rec: Rec, result: Any, out: list[Rec]) -> int:
         """Pass on a successful call's result; returns the input records it dropped."""
-        if self.record:
-            if result is None:
-                note_dropped(rec, self.node, self.reason)
-                rec.ack.release()
-                return 1 if rec.members is None else len(rec.members)
-            rec.set_result(result)
-            out.append(rec)
-            return 0
-        if not result:
-            note_dropped(rec, self.node, self.reason)
-        fan_out(rec, result, rec.ack, out)
-        if result:
-            return 0
-        return 1 if rec.members is None else len(rec.members)
+        return emit_result(rec, result, out, record=self.record, node=self.node, traced=True)
