@@ -19,6 +19,7 @@ from loom.config import ConfigContext
 from loom.streaming import (
     BatchStep,
     CollectBatch,
+    Count,
     Drain,
     ErrorKind,
     ExpandStep,
@@ -31,6 +32,8 @@ from loom.streaming import (
     Route,
     Router,
     StreamFlow,
+    Tumbling,
+    WindowAggregate,
     WithAsync,
     compile_flow,
 )
@@ -364,10 +367,19 @@ def test_error_kinds_without_a_route_are_reported_by_name() -> None:
     assert "ErrorKind.WIRE" not in problem
 
 
-def test_a_flow_without_errors_reports_every_kind_as_unrouted() -> None:
+def test_a_flow_without_errors_reports_every_kind_it_can_raise_as_unrouted() -> None:
     problem = only_problem(flow(RecordStep(enrich), errors=None))
     for kind in ErrorKind:
-        assert f"ErrorKind.{kind.name}" in problem
+        if kind is not ErrorKind.LATE:  # only windows raise it
+            assert f"ErrorKind.{kind.name}" in problem
+    assert "ErrorKind.LATE" not in problem
+
+
+def test_a_flow_with_a_window_must_route_late_records() -> None:
+    errors = {kind: IntoTopic("dlq") for kind in ErrorKind if kind is not ErrorKind.LATE}
+    window = WindowAggregate(Tumbling(1000), Count())
+    problem = only_problem(flow(window, errors=errors))
+    assert "ErrorKind.LATE have no route" in problem
 
 
 def test_an_error_route_that_is_not_a_terminal_is_reported() -> None:
@@ -541,11 +553,11 @@ def test_node_count_counts_every_node_of_the_plan_once() -> None:
 
 def test_a_mapping_of_error_routes_covers_every_error_kind() -> None:
     plan = compile_flow(wide_flow(), WIDE_CONFIG)
-    assert set(plan.error_routes) == set(ErrorKind)
+    assert set(plan.error_routes) == set(ErrorKind) - {ErrorKind.LATE}  # no window: unrouted
     wire = plan.error_routes[ErrorKind.WIRE]
     assert isinstance(wire, TopicSinkPlan)
     assert wire.binding.physical == "prod.orders.dlq"
-    others = {plan.error_routes[kind] for kind in ErrorKind if kind is not ErrorKind.WIRE}
+    others = {route for kind, route in plan.error_routes.items() if kind is not ErrorKind.WIRE}
     assert len(others) == 1
     assert all(isinstance(terminal, DrainPlan) for terminal in others)
 

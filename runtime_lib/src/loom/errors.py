@@ -11,6 +11,8 @@
     │   └── FlowValidationError       (ValueError) the flow declaration cannot run
     ├── StartupError                  (RuntimeError) the service cannot start *here*
     │   ├── KafkaStartupError         the cluster: unreachable, topics missing, ...
+    │   ├── StateLayoutError          the state directory was written by another
+    │   │                             number of workers
     │   └── DevBrokerError            the development broker could not start
     ├── ClusterPeerLostError          (RuntimeError) a cluster process is gone: restart all
     ├── RecordError                   one record failed: it becomes a dead letter,
@@ -122,6 +124,14 @@ class StartupError(LoomError, RuntimeError):
 
 class KafkaStartupError(StartupError):
     """The flow cannot start against this cluster; the message says why."""
+
+
+class StateLayoutError(StartupError):
+    """The state directory holds snapshots of another number of workers.
+
+    State is partitioned across workers; reading part of it would lose keys.
+    Run with the number of workers that wrote it, or empty the directory.
+    """
 
 
 class DevBrokerError(StartupError):

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import pydantic
@@ -179,6 +179,17 @@ class ObservabilitySettings(_Section):
     """Fraction of source polls traced with a ``batch`` span."""
 
 
+class StateSettings(_Section):
+    """Where stateful nodes (``StatefulStep``, ``WindowAggregate``) keep their snapshots."""
+
+    dir: str | None = None
+    """Directory for state snapshots, on a persistent volume (one SQLite file per worker)."""
+    durability: Literal["durable", "volatile"] = "durable"
+    """``volatile`` keeps state in memory only: a crash loses it (an explicit, logged choice)."""
+    snapshot_interval_ms: Annotated[int, Field(ge=10)] = 1000
+    """How often state is snapshotted; records are committed once in a snapshot."""
+
+
 class ConfigContext(_Section):
     """The resolved configuration of one service."""
 
@@ -186,6 +197,7 @@ class ConfigContext(_Section):
     topics: dict[str, str] = Field(default_factory=dict)
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    state: StateSettings = Field(default_factory=StateSettings)
 
     @property
     def runtime(self) -> BytewaxRuntimeConfig:

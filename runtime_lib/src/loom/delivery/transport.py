@@ -57,6 +57,15 @@ class TransportReader(Protocol):
         """Known log-end offsets of ``partitions`` (for lag), without a broker call."""
         ...
 
+    def caught_up(self, partition: int) -> bool:
+        """True when ``partition`` is known to be read to its end, without a broker call.
+
+        Unknown (before the first fetch) is False: stateful nodes move event
+        time on with the wall clock only while their partition is caught up,
+        so a restart's backlog is read before any window closes by the clock.
+        """
+        ...
+
     def close(self) -> None: ...
 
 

@@ -138,6 +138,44 @@ class FlowMetrics:
             ["flow", "node", "worker"],
             registry=registry,
         )
+        self.state_keys = Gauge(
+            "loom_state_keys",
+            "Keys a stateful node holds state for, per worker (at the last snapshot).",
+            ["flow", "node", "worker"],
+            registry=registry,
+        )
+        self.state_bytes = Gauge(
+            "loom_state_bytes",
+            "Approximate size of a stateful node's state, per worker: keys times the mean "
+            "pickled size of the entries in recent snapshots.",
+            ["flow", "node", "worker"],
+            registry=registry,
+        )
+        self.windows_open = Gauge(
+            "loom_windows_open",
+            "Windows of a WindowAggregate waiting to close, per worker.",
+            ["flow", "node", "worker"],
+            registry=registry,
+        )
+        self.late_records = Counter(
+            "loom_late_records",
+            "Records that arrived for a window that had already closed (dead-lettered as LATE).",
+            ["flow", "node"],
+            registry=registry,
+        )
+        self.expired_keys = Counter(
+            "loom_state_expired_keys",
+            "Keys whose state a StatefulStep deleted after ttl_ms without an update.",
+            ["flow", "node"],
+            registry=registry,
+        )
+        self.snapshot_seconds = Histogram(
+            "loom_state_snapshot_seconds",
+            "Seconds a worker spends saving one state snapshot (one transaction).",
+            ["flow", "worker"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
 
 
 def _parts(histogram: Any) -> tuple[list[Any], list[float], Any] | None:

@@ -61,6 +61,11 @@ _ITERABLES = {
 }
 
 
+ROUTED_IF_RAISED = frozenset({ErrorKind.LATE})
+"""Error kinds a flow must route only when one of its nodes can raise them, so
+that adding such a kind does not break flows that route every kind by name."""
+
+
 @dataclass(frozen=True)
 class _Signature:
     """What the compiler learns about a step function."""
@@ -77,6 +82,10 @@ class Stream:
 
     payload: Any
     batched: bool = False
+    stateful: str | None = None
+    from_batches: bool = False
+    """Records come from a ``BatchStep``: they have no single input record."""
+    """The stateful node upstream of here, if any (one per path: see ``StatefulStep``)."""
 
 
 @dataclass
@@ -90,6 +99,8 @@ class Compiler:
     declared_sinks: dict[str, None] = field(default_factory=dict)
     """Names of registered sinks met so far (``IntoSink``), in order."""
     node_count: int = 0
+    raised: set[ErrorKind] = field(default_factory=set)
+    """Kinds raised by nodes met so far that only some flows must route (``ROUTED_IF_RAISED``)."""
 
     def problem(self, message: str) -> None:
         self.problems.append(message)
@@ -229,7 +240,7 @@ class Compiler:
 
     def route_target(self, target: Any, stream: Stream, where: str) -> BranchPlan | None:
         nodes = target.nodes if isinstance(target, Process) else (target,)
-        return self.branch(nodes, Stream(stream.payload), where)
+        return self.branch(nodes, Stream(stream.payload, stateful=stream.stateful), where)
 
     def error_routes(self) -> dict[ErrorKind, TerminalPlan]:
         declared = self.flow.errors
@@ -255,7 +266,11 @@ class Compiler:
                     plan = built[id(target)]
                     if plan is not None:
                         routes[kind] = plan
-        missing = [kind for kind in ErrorKind if kind not in seen]
+        missing = [
+            kind
+            for kind in ErrorKind
+            if kind not in seen and (kind not in ROUTED_IF_RAISED or kind in self.raised)
+        ]
         if missing:
             names = ", ".join(f"ErrorKind.{kind.name}" for kind in missing)
             self.problem(

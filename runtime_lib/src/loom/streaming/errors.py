@@ -35,6 +35,10 @@ class ErrorKind(enum.StrEnum):
     """The broker refused an output record permanently."""
     TIMEOUT = "timeout"
     """An async step exceeded its ``timeout_ms``."""
+    LATE = "late"
+    """A record arrived for a window that had already closed (``WindowAggregate``).
+
+    Only flows with a window must route it."""
 
 
 class ErrorEnvelope(msgspec.Struct, frozen=True, kw_only=True):

@@ -180,6 +180,65 @@ class WithAsync:
     retry: Retry | None = None
 
 
+@dataclass(frozen=True)
+class StatefulStep:
+    """Keep state per key: ``fn(state | None, value) -> (new_state | None, output)``.
+
+    ``state`` is what ``fn`` returned last time for the record's key (``None``
+    the first time, or after ``fn`` returned ``None`` as the state, which
+    deletes it). ``output`` is a value, ``None`` (nothing) or an iterable of
+    values; outputs keep the input's key and headers.
+
+    ``key`` (a function of the payload) defaults to the Kafka record key.
+    State is partitioned by the input partition: records of one key must come
+    from one partition, which holds for the record key and for any key
+    function that refines it (see ``docs/stateful.md``). ``ttl_ms`` deletes a
+    key's state once event time (the record timestamps, advancing with the
+    wall clock while the input is idle) is that far past its last update.
+
+    State is durable: snapshotted to ``LOOM_STATE__DIR``, and an offset is
+    committed only once the state it changed is in a snapshot, so a restart
+    after a crash applies every record exactly once.
+    """
+
+    fn: Callable[[Any, Any], tuple[Any, Any]]
+    key: Callable[[Any], Any] | None = None
+    ttl_ms: int | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class WindowAggregate:
+    """Aggregate records per key and event-time window; one result per (key, window).
+
+    ``window`` is :class:`~loom.streaming.windows.Tumbling`, ``Hopping`` or
+    ``Session``; ``aggregate`` folds records (``initial``, ``add``, ``result``,
+    and ``merge`` for sessions; built-ins ``Count``, ``Sum``, ``Min``,
+    ``Max``, ``Mean``, ``Collect``). ``key`` (a function of the payload)
+    defaults to the Kafka record key, ``event_time`` (a function of the
+    payload returning epoch milliseconds) to the record timestamp.
+
+    A window's result is emitted once event time passes its end plus
+    ``grace_ms``. Event time is the largest record time seen on the input
+    partition, and advances with the wall clock while the partition is idle
+    (read to its end), so a quiet partition never holds windows open. A
+    record whose window has already closed is a ``LATE`` error: it is
+    dead-lettered with its original bytes, never dropped.
+
+    Exact after crashes: offsets are committed only once the windows holding
+    their records are in a snapshot and every result emitted before it is
+    delivered, so a restart re-emits at most whole results, never a partial
+    one.
+    """
+
+    window: Any
+    aggregate: Any
+    key: Callable[[Any], Any] | None = None
+    event_time: Callable[[Any], int] | None = None
+    grace_ms: int = 0
+    name: str | None = None
+
+
 Terminal: TypeAlias = IntoTopic[Any] | IntoSink | Drain
 
 
@@ -215,7 +274,17 @@ class Router:
         return f"Router({len(self.routes)} routes, default={self.default!r})"
 
 
-Node: TypeAlias = RecordStep | ExpandStep | CollectBatch | BatchStep | WithAsync | Router | Terminal
+Node: TypeAlias = (
+    RecordStep
+    | ExpandStep
+    | CollectBatch
+    | BatchStep
+    | WithAsync
+    | StatefulStep
+    | WindowAggregate
+    | Router
+    | Terminal
+)
 
 
 class Process:

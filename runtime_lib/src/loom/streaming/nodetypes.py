@@ -9,10 +9,11 @@ Bytewax adapter runs each plan class with the operator it registered for it.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
-from loom.streaming.compiler import Compiler, Stream
+from loom.streaming.compiler import UNKNOWN, Compiler, Stream
 from loom.streaming.errors import BusinessError, ErrorKind
 from loom.streaming.nodes import (
     BatchStep,
@@ -24,6 +25,8 @@ from loom.streaming.nodes import (
     RecordStep,
     Retry,
     Router,
+    StatefulStep,
+    WindowAggregate,
     WithAsync,
     display_name,
 )
@@ -35,11 +38,14 @@ from loom.streaming.plan import (
     RetryPlan,
     RoutePlan,
     RouterPlan,
+    StatefulPlan,
     StepKind,
     StepPlan,
     TopicSinkPlan,
+    WindowPlan,
 )
 from loom.streaming.registry import Drawing, NodeType, no_errors, register
+from loom.streaming.windows import Hopping, Session, Tumbling
 
 STEP_FAILURES = (ErrorKind.TASK, ErrorKind.BUSINESS)
 """What any user function can raise: an exception (``TASK``) or a ``BusinessError``."""
@@ -228,7 +234,7 @@ def _compile_collect(
         compiler.problem(f"{where}: timeout_ms must be >= 1, got {node.timeout_ms}")
     if stream.batched:
         compiler.problem(f"{where}: follows another CollectBatch")
-    stream.batched = True
+    stream.batched = stream.from_batches = True
     return CollectPlan(node_id, node.max_records, node.timeout_ms)
 
 
@@ -355,3 +361,144 @@ def _draw_router(node: Router) -> Drawing:
 
 
 register(NodeType(Router, RouterPlan, "router", _compile_router, _router_failures, _draw_router))
+
+
+# -- StatefulStep, WindowAggregate: state per key -----------------------------
+
+
+def _check_stateful(compiler: Compiler, stream: Stream, node_id: str, where: str) -> None:
+    """Checks every stateful node shares: where it may stand, its key."""
+    compiler.check_batching("record", stream, where)
+    if stream.from_batches:
+        compiler.problem(
+            f"{where}: comes after a CollectBatch; batch results have no single input "
+            "record, so replays after a crash could not be recognised"
+        )
+    if stream.stateful is not None:
+        compiler.problem(
+            f"{where}: comes after the stateful node {stream.stateful!r}; one stateful node "
+            "per path (write the first one's results to a topic and read them in another flow)"
+        )
+    stream.stateful = node_id
+
+
+def _check_callable(compiler: Compiler, value: Any, name: str, where: str) -> None:
+    if value is not None and not callable(value):
+        compiler.problem(f"{where}: {name} must be a function of the payload, got {value!r}")
+
+
+def _is_positive(value: Any) -> bool:
+    return _is_count(value) and value >= 1
+
+
+def _compile_stateful(
+    compiler: Compiler, node: StatefulStep, stream: Stream | None, _: str
+) -> StatefulPlan | None:
+    assert stream is not None
+    node_id = compiler.claim_id(node.name or display_name(node.fn))
+    where = f"StatefulStep {node_id!r}"
+    _check_stateful(compiler, stream, node_id, where)
+    _check_callable(compiler, node.key, "key", where)
+    if node.ttl_ms is not None and not _is_positive(node.ttl_ms):
+        compiler.problem(f"{where}: ttl_ms must be None or an int >= 1, got {node.ttl_ms!r}")
+    stream.payload = UNKNOWN
+    if not callable(node.fn):
+        compiler.problem(f"{where}: {node.fn!r} is not callable")
+        return None
+    if inspect.iscoroutinefunction(node.fn):
+        compiler.problem(f"{where}: {display_name(node.fn)} is async; state steps are synchronous")
+    return StatefulPlan(node_id, node.fn, node.key, node.ttl_ms)
+
+
+def _key_line(key: Any) -> str:
+    return "key: record key" if key is None else f"key: {display_name(key)}"
+
+
+def _draw_stateful(node: StatefulStep) -> Drawing:
+    lines: tuple[str, ...] = (
+        f"StatefulStep: {node.name or display_name(node.fn)}",
+        _key_line(node.key),
+    )
+    if node.ttl_ms is not None:
+        lines += (f"ttl {node.ttl_ms} ms",)
+    return Drawing(("{{", "}}"), lines)
+
+
+register(
+    NodeType(StatefulStep, StatefulPlan, "step", _compile_stateful, _step_failures, _draw_stateful)
+)
+
+
+def _window_problem(window: Any) -> str | None:
+    """What is wrong with a window, or ``None``."""
+    if isinstance(window, Tumbling):
+        return None if _is_positive(window.size_ms) else "Tumbling size_ms must be an int >= 1"
+    if isinstance(window, Hopping):
+        if not (_is_positive(window.size_ms) and _is_positive(window.step_ms)):
+            return "Hopping size_ms and step_ms must be ints >= 1"
+        if window.size_ms % window.step_ms:
+            return "Hopping size_ms must be a multiple of step_ms"
+        return None
+    if isinstance(window, Session):
+        return None if _is_positive(window.gap_ms) else "Session gap_ms must be an int >= 1"
+    return f"window must be Tumbling(...), Hopping(...) or Session(...), got {window!r}"
+
+
+def _compile_window(
+    compiler: Compiler, node: WindowAggregate, stream: Stream | None, _: str
+) -> WindowPlan | None:
+    assert stream is not None
+    node_id = compiler.claim_id(node.name or f"window_{type(node.aggregate).__name__.lower()}")
+    where = f"WindowAggregate {node_id!r}"
+    _check_stateful(compiler, stream, node_id, where)
+    _check_callable(compiler, node.key, "key", where)
+    _check_callable(compiler, node.event_time, "event_time", where)
+    valid = True
+    if (problem := _window_problem(node.window)) is not None:
+        compiler.problem(f"{where}: {problem}")
+        valid = False
+    needed = ("initial", "add", "result", *(("merge",) if isinstance(node.window, Session) else ()))
+    missing = [name for name in needed if not callable(getattr(node.aggregate, name, None))]
+    if missing:
+        compiler.problem(
+            f"{where}: aggregate {node.aggregate!r} has no {', '.join(missing)} method"
+            + (" (session windows merge sessions)" if "merge" in missing else "")
+        )
+        valid = False
+    if not _is_count(node.grace_ms) or node.grace_ms < 0:
+        compiler.problem(f"{where}: grace_ms must be an int >= 0, got {node.grace_ms!r}")
+        valid = False
+    compiler.raised.add(ErrorKind.LATE)
+    stream.payload = UNKNOWN
+    if not valid:
+        return None
+    return WindowPlan(
+        node_id, node.window, node.aggregate, node.key, node.event_time, node.grace_ms
+    )
+
+
+def _window_failures(plan: WindowPlan) -> tuple[ErrorKind, ...]:
+    return (*STEP_FAILURES, ErrorKind.LATE)
+
+
+def _window_line(window: Any, grace_ms: int) -> str:
+    if isinstance(window, Tumbling):
+        line = f"tumbling {window.size_ms} ms"
+    elif isinstance(window, Hopping):
+        line = f"hopping {window.size_ms} ms every {window.step_ms} ms"
+    elif isinstance(window, Session):
+        line = f"session, gap {window.gap_ms} ms"
+    else:
+        line = repr(window)
+    return f"{line}, grace {grace_ms} ms" if grace_ms else line
+
+
+def _draw_window(node: WindowAggregate) -> Drawing:
+    title = f"WindowAggregate: {node.name}" if node.name else "WindowAggregate"
+    lines = (title, _window_line(node.window, node.grace_ms), repr(node.aggregate))
+    return Drawing(("{{", "}}"), (*lines, _key_line(node.key)))
+
+
+register(
+    NodeType(WindowAggregate, WindowPlan, "step", _compile_window, _window_failures, _draw_window)
+)

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeAlias
 
 from loom.streaming.codecs import Codec
 from loom.streaming.errors import BusinessError, ErrorKind
+from loom.streaming.windows import WindowSpec
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class SourcePlan:
 
 
 StepKind = Literal["record", "expand", "batch"]
+
+STATE_TICK_MS = 20
+"""Idle wake-ups of a flow with state: event time follows the wall clock at
+this resolution while the input is idle."""
 
 _MAX_DOUBLINGS = 40
 """Doublings of an uncapped backoff (a wait of ``backoff_ms * 2**40``, years)."""
@@ -118,8 +123,33 @@ class DrainPlan:
     node_id: str
 
 
+@dataclass(frozen=True)
+class StatefulPlan:
+    """A ``StatefulStep``: ``fn(state, value) -> (state, output)`` per key."""
+
+    node_id: str
+    fn: Callable[[Any, Any], tuple[Any, Any]]
+    key: Callable[[Any], Any] | None
+    ttl_ms: int | None
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """A ``WindowAggregate``: validated window, aggregate, key and event time."""
+
+    node_id: str
+    window: WindowSpec
+    aggregate: Any
+    key: Callable[[Any], Any] | None
+    event_time: Callable[[Any], int] | None
+    grace_ms: int
+
+
+StatePlan: TypeAlias = StatefulPlan | WindowPlan
+"""A node that keeps state per key (snapshotted, see ``docs/stateful.md``)."""
+
 TerminalPlan: TypeAlias = TopicSinkPlan | NamedSinkPlan | DrainPlan
-ChainPlan: TypeAlias = StepPlan | CollectPlan | AsyncPlan
+ChainPlan: TypeAlias = StepPlan | CollectPlan | AsyncPlan | StatefulPlan | WindowPlan
 
 
 @dataclass(frozen=True)
@@ -184,12 +214,20 @@ class FlowPlan:
     def has_async(self) -> bool:
         return any(isinstance(node, AsyncPlan) for node in self.root.chain_nodes())
 
+    def state_nodes(self) -> list[StatePlan]:
+        """The nodes that keep state, in plan order."""
+        return [
+            node for node in self.root.chain_nodes() if isinstance(node, StatefulPlan | WindowPlan)
+        ]
+
     @property
     def tick_interval_ms(self) -> int | None:
         """How often idle workers must wake buffered nodes, or None if never.
 
         Collect timeouts need a wake-up well inside their window; async steps
-        need one to hand back finished results while no input arrives.
+        need one to hand back finished results while no input arrives;
+        stateful nodes need one to advance event time while the input is
+        idle (closing windows, expiring keys) and to complete snapshots.
         """
         intervals = [
             max(1, node.timeout_ms // 4)
@@ -198,6 +236,8 @@ class FlowPlan:
         ]
         if self.has_async:
             intervals.append(5)
+        if self.state_nodes():
+            intervals.append(STATE_TICK_MS)
         return min(intervals) if intervals else None
 
     def logical_topics(self) -> list[str]:

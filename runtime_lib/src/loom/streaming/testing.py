@@ -39,7 +39,7 @@ from loom.streaming.nodes import StreamFlow
 
 T = TypeVar("T")
 
-__all__ = ["MemoryBroker", "MemoryRecord", "RunResult", "TestRunner"]
+__all__ = ["ManualClock", "MemoryBroker", "MemoryRecord", "RunResult", "TestRunner"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,7 @@ class MemoryBroker:
         key: bytes | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
         partition: int | None = None,
+        timestamp_ms: int = 0,
     ) -> MemoryRecord:
         """Append a record; without ``partition`` the key (or round robin) chooses."""
         with self._lock:
@@ -108,7 +109,9 @@ class MemoryBroker:
                 total = sum(map(len, parts))
                 partition = (zlib.crc32(key) if key is not None else total) % len(parts)
             log = parts[partition]
-            record = MemoryRecord(topic, partition, len(log), key, value, tuple(headers))
+            record = MemoryRecord(
+                topic, partition, len(log), key, value, tuple(headers), timestamp_ms
+            )
             log.append(record)
             return record
 
@@ -177,13 +180,36 @@ class MemoryReader:
     def exhausted(self) -> bool:
         if self.hold_open is not None and self.hold_open():
             return False
-        return all(
-            position >= len(self.broker.partition_records(self.topic, partition))
-            for partition, position in self.positions.items()
+        return self.read_all()
+
+    def read_all(self) -> bool:
+        return all(self.caught_up(partition) for partition in self.positions)
+
+    def caught_up(self, partition: int) -> bool:
+        return self.positions[partition] >= len(
+            self.broker.partition_records(self.topic, partition)
         )
 
     def close(self) -> None:
         return None
+
+
+class ManualClock:
+    """The wall clock of a test run: it moves only when the test says so.
+
+    Records sent without a timestamp get the clock's time; stateful nodes
+    read it to move event time on while the input is idle, so a run's
+    results never depend on how fast the machine is.
+    """
+
+    def __init__(self, now_ms: int = 0) -> None:
+        self.now_ms = now_ms
+
+    def __call__(self) -> float:
+        return float(self.now_ms)
+
+    def advance(self, ms: int) -> None:
+        self.now_ms += ms
 
 
 class MemoryWriter:
@@ -272,6 +298,16 @@ class TestRunner:
     ``config`` binds them. Commits are at-least-once, as a service's, unless
     ``config`` (a mapping) sets ``kafka.delivery_guarantee``; a
     :class:`ConfigContext` is used as it is.
+
+    Stateful flows keep their state in memory across the runs of one
+    ``TestRunner`` (``state.durability = "volatile"`` unless ``config`` sets
+    ``state``), so a second :meth:`run` sees what a restarted service would.
+    Time is the test's: :attr:`clock` (a :class:`ManualClock`) stamps records
+    sent without ``timestamp_ms`` and moves only with ``run(advance_ms=...)``::
+
+        tester.send({"amount": 2}, key="a", timestamp_ms=1_000)
+        tester.send({"amount": 3}, key="a", timestamp_ms=1_500)
+        result = tester.run(advance_ms=60_000)  # idle for a minute: windows close
     """
 
     __test__ = False  # not a pytest test class
@@ -292,6 +328,7 @@ class TestRunner:
                 **data.get("topics", {}),
             }
             data["kafka"] = {"delivery_guarantee": AT_LEAST_ONCE, **data.get("kafka", {})}
+            data.setdefault("state", {"durability": "volatile"})
             config = ConfigContext.from_dict(data)
         self.config = config
         self.flow = flow
@@ -302,6 +339,8 @@ class TestRunner:
         self._encode = build_codec(flow.source.codec, flow.source.payload).encode
         self.transport = MemoryTransport(self.broker)
         self.runner.use_transport(self.transport)
+        self.clock = ManualClock()
+        self.runner.use_clock(self.clock)
 
     @property
     def input_topic(self) -> str:
@@ -314,15 +353,22 @@ class TestRunner:
         key: bytes | str | None = None,
         headers: Iterable[tuple[str, bytes]] = (),
         partition: int | None = None,
+        timestamp_ms: int | None = None,
     ) -> MemoryRecord:
         """Add an input record; ``bytes`` are sent as is, anything else encoded.
 
-        ``value=None`` sends a tombstone.
+        ``value=None`` sends a tombstone. ``timestamp_ms`` is the record's
+        Kafka timestamp (event time by default); without it, the clock's time.
         """
         data = value if value is None or isinstance(value, bytes) else self._encode(value)
         raw_key = key.encode() if isinstance(key, str) else key
         return self.broker.produce(
-            self.input_topic, data, key=raw_key, headers=tuple(headers), partition=partition
+            self.input_topic,
+            data,
+            key=raw_key,
+            headers=tuple(headers),
+            partition=partition,
+            timestamp_ms=self.clock.now_ms if timestamp_ms is None else timestamp_ms,
         )
 
     def send_all(self, values: Iterable[Any]) -> None:
@@ -336,6 +382,7 @@ class TestRunner:
         error_sinks: Mapping[Any, Any] | None = None,
         until: Callable[[RunResult], bool] | None = None,
         timeout_s: float = 30.0,
+        advance_ms: int = 0,
     ) -> RunResult:
         """Run until every sent record is finished; return what was written.
 
@@ -343,17 +390,46 @@ class TestRunner:
         ``until(result)`` holds, so time-based behaviour can be observed
         before the final drain; after ``timeout_s`` it closes regardless and
         the caller's assertions report what was missing.
+
+        ``advance_ms``: once every worker has read all input, the clock moves
+        on by that much, as if the input had been idle that long: windows whose
+        end plus grace falls in that time close and are emitted before the
+        run ends. Windows still open stay in state for the next run.
         """
         result = RunResult(self.broker, self.config)
         transport = self.transport
         transport.readers.clear()
         transport.hold_open = None
+        workers = (runtime or self.config.runtime).workers_per_process
+        holds: list[Callable[[], bool]] = []
         if until is not None:
             deadline = time.monotonic() + timeout_s
-            transport.hold_open = lambda: not until(result) and time.monotonic() < deadline
+            holds.append(lambda: not until(result) and time.monotonic() < deadline)
+        if advance_ms:
+            holds.append(self._advance_when_read(advance_ms, workers))
+        if holds:
+            transport.hold_open = lambda: any(hold() for hold in holds)
         try:
             self.runner.run(runtime=runtime, error_sinks=error_sinks)
         finally:
             transport.hold_open = None
         result.commits = [commit for reader in transport.readers for commit in reader.commits]
         return result
+
+    def _advance_when_read(self, advance_ms: int, workers: int) -> Callable[[], bool]:
+        """Hold the input open until every worker read all of it, then move the clock."""
+        pending = [True]
+        lock = threading.Lock()
+
+        def hold() -> bool:
+            with lock:
+                if not pending[0]:
+                    return False
+                readers = self.transport.readers
+                if len(readers) < workers or not all(r.read_all() for r in readers):
+                    return True
+                self.clock.advance(advance_ms)
+                pending[0] = False
+                return False
+
+        return hold

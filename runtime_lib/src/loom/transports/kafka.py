@@ -50,7 +50,9 @@ client_logger = logging.getLogger("loom.transports.kafka.librdkafka")
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",
-    "enable.partition.eof": False,
+    # An end-of-partition event per catch-up tells a reader that a partition is
+    # read to its end before it read anything (caught_up, for event time).
+    "enable.partition.eof": True,
     "session.timeout.ms": 6000,
     "fetch.wait.max.ms": 100,
     # librdkafka's default (1000 ms) stops fetching for a second whenever its
@@ -146,6 +148,8 @@ class KafkaReader:
         self.topic = topic
         self.partitions = partitions
         self._last_error: str | None = None
+        self._ends: dict[int, int] = {}
+        """Offsets at which each partition was last reported read to its end."""
         if partitions:
             consumer.assign([TopicPartition(topic, p, OFFSET_STORED) for p in partitions])
 
@@ -162,7 +166,9 @@ class KafkaReader:
                 good.append(message)
             elif error.fatal():
                 raise KafkaException(error)
-            elif error.code() != KafkaError._PARTITION_EOF:  # EOF is news, not a problem
+            elif error.code() == KafkaError._PARTITION_EOF:  # news, not a problem
+                self._ends[message.partition() or 0] = message.offset() or 0
+            else:
                 self._log_error(error)
         return cast("list[Origin]", good)
 
@@ -191,6 +197,17 @@ class KafkaReader:
             if high >= 0:
                 ends[partition] = high
         return ends
+
+    def caught_up(self, partition: int) -> bool:
+        """The position has reached the high watermark of the last fetch response."""
+        tp = TopicPartition(self.topic, partition)
+        _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+        if high < 0:
+            return False
+        position = self.consumer.position([tp])[0].offset
+        if position < 0:  # nothing consumed yet: where the fetcher reached the end, if it did
+            position = self._ends.get(partition, -1)
+        return position >= high
 
     def close(self) -> None:
         """Leave the group; an auto-commit consumer commits its positions here."""

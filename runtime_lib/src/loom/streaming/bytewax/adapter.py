@@ -42,6 +42,7 @@ from loom.streaming.bytewax.outputs import AckingSink, TopicSink
 from loom.streaming.bytewax.records import Chunk, Failure, Outbound
 from loom.streaming.bytewax.retries import RetryOp
 from loom.streaming.bytewax.source import FlowSource
+from loom.streaming.bytewax.stateful import StatefulOp, WindowOp
 from loom.streaming.bytewax.worker import RunState
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import (
@@ -52,10 +53,12 @@ from loom.streaming.plan import (
     FlowPlan,
     NamedSinkPlan,
     RouterPlan,
+    StatefulPlan,
     StepPlan,
     TerminalPlan,
     TopicBinding,
     TopicSinkPlan,
+    WindowPlan,
 )
 from loom.streaming.registry import node_types
 
@@ -182,6 +185,14 @@ class DataflowBuilder:
     def _collect(self, step: CollectPlan, stream: Stream[Chunk]) -> Stream[Chunk]:
         return self.map_step(step.node_id, stream, CollectOp(step))
 
+    def _stateful(self, step: StatefulPlan, stream: Stream[Chunk]) -> Stream[Chunk]:
+        operator = StatefulOp(self.plan.name, step, self.run, self.metrics)
+        return self.map_step(step.node_id, stream, operator)
+
+    def _window(self, step: WindowPlan, stream: Stream[Chunk]) -> Stream[Chunk]:
+        operator = WindowOp(self.plan.name, step, self.run, self.metrics)
+        return self.map_step(step.node_id, stream, operator)
+
     def _router(self, end: RouterPlan, stream: Stream[Chunk]) -> None:
         split = op.map(end.node_id, stream, RouterOp(self.plan.name, end))
         targets = [route.branch for route in end.routes]
@@ -289,6 +300,8 @@ _OPERATORS: dict[type, Operator] = {
     StepPlan: DataflowBuilder._step,
     AsyncPlan: DataflowBuilder._async,
     CollectPlan: DataflowBuilder._collect,
+    StatefulPlan: DataflowBuilder._stateful,
+    WindowPlan: DataflowBuilder._window,
     RouterPlan: DataflowBuilder._router,
     TopicSinkPlan: DataflowBuilder._into_topic,
     NamedSinkPlan: DataflowBuilder._into_sink,

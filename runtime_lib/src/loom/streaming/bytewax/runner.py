@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import gc
 import logging
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -22,11 +23,12 @@ from opentelemetry.trace import Status, StatusCode
 from loom.config.context import ConfigContext
 from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
 from loom.delivery.transport import Transport
-from loom.errors import ClusterPeerLostError, LoomError, StartupError
+from loom.errors import ClusterPeerLostError, ConfigPathError, LoomError, StartupError
 from loom.observability import ObservabilityRuntime, Scope
 from loom.observability.server import ProbeServer
 from loom.streaming.bytewax.adapter import DataflowBuilder, missing_operators
 from loom.streaming.bytewax.bridge import AsyncBridge
+from loom.streaming.bytewax.state import MemoryStateStore, SqliteStateStore, StateStore
 from loom.streaming.bytewax.worker import CommitPolicy, RunState, SourceSettings
 from loom.streaming.compiler import compile_flow
 from loom.streaming.errors import ErrorEnvelope, ErrorKind, FlowValidationError
@@ -170,6 +172,8 @@ def _prepare_run(
         if bridge is not None:
             # The drain already waited force_shutdown_timeout_ms if it gave up.
             bridge.close(abandon=run.abandoned)
+        if run.store is not None:
+            run.store.close()
 
     return _PreparedStreamingRun(dataflow, shutdown)
 
@@ -280,6 +284,8 @@ class StreamingRunner:
         self._prepared: _PreparedStreamingRun | None = None
         self._run_state: RunState | None = None
         self._stop = threading.Event()
+        self._volatile_state: MemoryStateStore | None = None
+        self._clock: Callable[[], float] | None = None
         self.probe_port: int | None = None
         """The port /metrics is served on during run() (resolved if 0 was configured)."""
 
@@ -389,6 +395,8 @@ class StreamingRunner:
             self._source_settings(runtime),
             expected_workers=runtime.workers_per_process,
             recovery=runtime.recovery is not None,
+            store=self._state_store(runtime),
+            clock=self._clock,
         )
         try:
             prepared = _prepare_run(
@@ -573,7 +581,48 @@ class StreamingRunner:
         return SourceSettings(
             commits=CommitPolicy.for_delivery(kafka.delivery, interval_ms),
             drain_timeout_s=None if timeout_ms is None else timeout_ms / 1000,
+            snapshot_interval_s=self.config.state.snapshot_interval_ms / 1000,
         )
+
+    def _state_store(self, runtime: BytewaxRuntimeConfig) -> StateStore | None:
+        """Where the flow's state is snapshotted, decided once per run (``state.*``).
+
+        A flow with stateful nodes needs ``state.dir`` (a persistent volume)
+        unless ``state.durability`` is ``volatile``: state in this process's
+        memory, lost with it, which is logged as the weaker choice it is.
+        """
+        nodes = self.plan.state_nodes()
+        if not nodes:
+            return None
+        settings = self.config.state
+        names = ", ".join(repr(node.node_id) for node in nodes)
+        if settings.dir is not None:
+            workers = runtime.workers_per_process * max(1, len(runtime.addresses or ()))
+            directory = Path(settings.dir) / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.plan.name)
+            return SqliteStateStore(directory, workers)
+        if settings.durability == "volatile":
+            logger.warning(
+                "state of %s is volatile (state.durability=volatile): a crash loses it and "
+                "the windows and keys it held; set state.dir for durable state",
+                names,
+            )
+            if self._volatile_state is None:
+                self._volatile_state = MemoryStateStore()
+            return self._volatile_state
+        raise ConfigPathError(
+            [
+                (
+                    [("state", "dir")],
+                    f"the flow keeps state ({names}) and needs a directory on a persistent "
+                    "volume for its snapshots; or accept losing state on a crash with "
+                    "state.durability=volatile",
+                )
+            ]
+        )
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Read wall-clock milliseconds from ``clock`` (``TestRunner`` controls time)."""
+        self._clock = clock
 
     def _kafka_transport(self) -> Transport:
         # Imported on first use: tests and tools that never touch Kafka skip it.

@@ -37,6 +37,7 @@ from loom.delivery.transport import Origin, TransportReader, TransportWriter
 from loom.errors import LoomError
 from loom.observability import ObservabilityRuntime
 from loom.streaming.bytewax.records import Chunk, Failure, Rec
+from loom.streaming.bytewax.state import StateStore, WorkerState
 
 logger = logging.getLogger("loom.streaming.worker")
 
@@ -89,6 +90,8 @@ class SourceSettings:
     commits: CommitPolicy = CommitPolicy()
     drain_timeout_s: float | None = None
     """How long a drain waits for in-flight records; None waits for all."""
+    snapshot_interval_s: float = 1.0
+    """How often a flow with state cuts a snapshot (``state.snapshot_interval_ms``)."""
 
 
 class DeliveryFeedback:
@@ -143,6 +146,14 @@ class WorkerLoop:
         self._idle = False
         self._tick = timedelta(milliseconds=_MAX_TICK_MS)
         self._metrics: _CommitMetrics | None = None
+        self.committed: dict[int, int] = {}
+        """The last offset committed per partition (the next to read)."""
+        self.state: WorkerState | None = None
+        """The worker's keyed state, when the flow has stateful nodes (see ``state.py``)."""
+        if run.store is not None:
+            self.state = WorkerState(index, run.store, run.clock)
+        self._last_cut = time.monotonic()
+        self._drain_passes = 0
 
     def attach(
         self,
@@ -179,10 +190,16 @@ class WorkerLoop:
             self._start_drain()
         if self._draining:
             return self._drain_step()
+        state = self.state
+        held = 0
+        if state is not None:
+            state.advance()
+            held = state.held
         in_flight = self.progress.advance()
         records: list[Rec] = []
         failures = self.feedback.take()
-        if in_flight < settings.max_in_flight and not self._saturated():
+        # Records held by state keep only their acks (no memory to bound).
+        if in_flight - held < settings.max_in_flight and not self._saturated():
             origins = self.reader.poll(settings.max_poll_records)
             if origins:
                 records, decode_failures = read(origins)
@@ -194,17 +211,21 @@ class WorkerLoop:
             for writer in self.writers:
                 writer.flush(self._tick.total_seconds())
         now = time.monotonic()
+        if state is not None and now >= self._last_cut + settings.snapshot_interval_s:
+            self._last_cut = now
+            if state.changed:
+                state.cut(self.committed)
         if settings.commits.due(self._last_commit, now, idle=self._idle):
             self._last_commit = now
             self._commit()
-        if self._idle and in_flight == 0:
+        if self._idle and in_flight == 0 and state is None:
             return []
         return [Chunk(self.index, records, failures)]
 
     def next_awake(self) -> datetime | None:
         if self._draining:
             return datetime.now(UTC) + _DRAIN_POLL
-        if self._idle and self.progress.advance():
+        if self._idle and (self.state is not None or self.progress.advance()):
             return datetime.now(UTC) + self._tick
         return None
 
@@ -218,6 +239,7 @@ class WorkerLoop:
         offsets = self.progress.committable()
         if offsets and self.run.settings.commits.tracked:
             self.reader.commit(offsets)
+            self.committed.update(offsets)
         if self._metrics is not None:
             self._metrics.record(self.reader, offsets, self.progress.advance())
 
@@ -227,10 +249,16 @@ class WorkerLoop:
         self._drain_deadline = None if timeout is None else time.monotonic() + timeout
 
     def _drain_step(self) -> list[Chunk]:
+        state = self.state
+        if state is not None:
+            # Open windows stay in state: the last snapshot takes them along.
+            state.advance()
+            if state.changed:
+                state.cut(self.committed)
         self._commit()
         late = self.feedback.take()
         in_flight = self.progress.advance()
-        if in_flight == 0 and not late:
+        if in_flight == 0 and not late and self._state_settled():
             return self._finish()
         deadline = self._drain_deadline
         if deadline is not None and time.monotonic() >= deadline:
@@ -242,7 +270,15 @@ class WorkerLoop:
                 extra={"flow": self._flow, "topic": self._topic, "worker": self.index},
             )
             return self._finish()
+        self._drain_passes += 1
         return [Chunk(self.index, [], late, flush=True)]
+
+    def _state_settled(self) -> bool:
+        """Stateful nodes saw the drain (to close what event time closed) and all is saved."""
+        state = self.state
+        if state is None:
+            return True
+        return self._drain_passes > 0 and not state.saving and not state.changed
 
     def _finish(self) -> list[Chunk]:
         """End this worker's input: EOF, or a graceful abort under recovery."""
@@ -251,6 +287,10 @@ class WorkerLoop:
         if self.run.mark_drained(self.index):
             raise GracefulStop(f"{self._flow} drained")
         return []  # wait for the other local workers to drain
+
+
+def _wall_ms() -> float:
+    return time.time() * 1000
 
 
 class _CommitMetrics:
@@ -289,8 +329,14 @@ class RunState:
         expected_workers: int = 1,
         recovery: bool = False,
         stop: threading.Event | None = None,
+        store: StateStore | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings or SourceSettings()
+        self.store = store
+        """Where stateful nodes' snapshots go (None: the flow keeps no state)."""
+        self.clock = clock or _wall_ms
+        """Wall-clock milliseconds, for event time while the input is idle."""
         self.stop = stop or threading.Event()
         self.expected_workers = expected_workers
         """Workers of this process; the run is ready when all have their partitions."""

@@ -1,0 +1,457 @@
+"""Keyed state of one worker: what it holds, how it is snapshotted, when records finish.
+
+A stateful node (``StatefulStep``, ``WindowAggregate``) keeps its state per
+input partition, on the worker that reads the partition, so no record and no
+ack leaves the worker (the invariant of :mod:`loom.delivery.acks`). Each
+worker has one :class:`WorkerState`; it makes the state durable with
+*snapshots*, and ties commits to them:
+
+- A record applied to state does not finish: its ack is **held** by the
+  current :class:`Barrier`. Every result a stateful node emits takes the
+  barrier as its ack, so the barrier also waits for the delivery of every
+  result emitted before the cut.
+- At a **cut** (every ``snapshot_interval_ms``), the changes since the last
+  cut are captured (keys changed, clocks, applied offsets) and a new barrier
+  opens. Once the barrier's results are delivered *and* every earlier
+  barrier is saved, the captured changes are written to the store (one
+  durable transaction) and only then are the held acks released: the commit
+  point moves past a record only once its effect is in a saved snapshot, and
+  a saved snapshot never misses a result that it removed from state.
+- After a crash the worker loads the last saved snapshot and reads from the
+  committed offsets, which are at or before the snapshot's. Each node
+  remembers, per partition, which offsets its state already contains
+  (:class:`AppliedOffsets`) and skips those records when they are read
+  again. Every record is therefore applied exactly once; results emitted
+  after the snapshot are emitted again, whole.
+
+``docs/stateful.md`` explains the guarantee for users; ``docs/architecture.md``
+places this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from loom.delivery.acks import Ack, release_all
+from loom.errors import StateLayoutError
+
+logger = logging.getLogger("loom.streaming.state")
+
+PartitionDelta = tuple[dict[bytes, bytes | None], bytes]
+"""One partition's captured changes: pickled key -> pickled value (``None``:
+deleted), and the partition's pickled metadata (applied offsets, clock)."""
+Delta = dict[str, dict[int, PartitionDelta]]
+"""A cut's changes, by node id and partition."""
+Loaded = dict[str, dict[int, tuple[dict[Any, Any], Any]]]
+"""A worker's saved state, by node id and partition: its entries and metadata."""
+
+_PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+class AppliedOffsets:
+    """Which offsets of one input partition a node's state already contains.
+
+    A bitmap from ``base`` (a multiple of 8, at or below the committed
+    offset), so records applied out of order (after a retry or an async
+    step) are remembered exactly. Offsets below ``base`` were committed: they
+    are never read again. In the usual in-order case a check is one
+    comparison with ``top``, the highest offset applied.
+    """
+
+    __slots__ = ("base", "bits", "top")
+
+    def __init__(self, base: int = 0, bits: bytes = b"", top: int = -1) -> None:
+        self.base = base
+        self.bits = bytearray(bits)
+        self.top = top
+
+    def seen(self, offset: int) -> bool:
+        if offset > self.top:
+            return False
+        i = offset - self.base
+        return i < 0 or bool(self.bits[i >> 3] >> (i & 7) & 1)
+
+    def mark(self, offset: int) -> None:
+        i = offset - self.base
+        if i < 0:
+            return
+        byte = i >> 3
+        bits = self.bits
+        if byte >= len(bits):
+            bits.extend(bytes(max(byte + 1 - len(bits), 1024)))
+        bits[byte] |= 1 << (i & 7)
+        self.top = max(self.top, offset)
+
+    def prune(self, committed: int) -> None:
+        """Forget offsets below ``committed`` (the partition's committed offset)."""
+        drop = (committed - self.base) >> 3
+        if drop > 0:
+            del self.bits[:drop]
+            self.base += drop * 8
+
+    def state(self) -> tuple[int, bytes, int]:
+        used = ((self.top - self.base) >> 3) + 1 if self.top >= self.base else 0
+        return self.base, bytes(self.bits[:used]), self.top
+
+
+class PartitionState:
+    """A node's state for one input partition: entries by key, clock, applied offsets.
+
+    ``watermark`` is the partition's event time: the largest record time seen
+    (``max_event``), moved on by the wall clock while the partition is idle
+    (see :meth:`idle`). ``arrival`` is the wall time at which ``max_event``
+    was seen.
+    """
+
+    __slots__ = (
+        "applied",
+        "arrival",
+        "dirty",
+        "entries",
+        "max_event",
+        "partition",
+        "watermark",
+    )
+
+    NO_TIME = -(2**62)
+
+    def __init__(self, partition: int, now_ms: float) -> None:
+        self.partition = partition
+        self.entries: dict[Any, Any] = {}
+        self.dirty: set[Any] = set()
+        self.applied = AppliedOffsets()
+        self.max_event = self.NO_TIME
+        self.watermark = self.NO_TIME
+        self.arrival = now_ms
+
+    def idle(self, now_ms: float) -> None:
+        """The partition is read to its end: event time follows the wall clock."""
+        if self.max_event != self.NO_TIME:
+            advanced = self.max_event + int(now_ms - self.arrival)
+            self.watermark = max(self.watermark, advanced)
+
+    def meta(self) -> tuple[Any, ...]:
+        return (self.applied.state(), self.max_event, self.watermark)
+
+    def restore(self, entries: dict[Any, Any], meta: tuple[Any, ...], now_ms: float) -> None:
+        """Take saved state; the downtime does not count as idle time."""
+        applied, self.max_event, self.watermark = meta
+        self.applied = AppliedOffsets(*applied)
+        self.entries = entries
+        self.arrival = now_ms
+
+
+class NodeState:
+    """One stateful node's state on one worker, by input partition.
+
+    Subclasses (the node operators' state, :mod:`loom.streaming.bytewax.stateful`)
+    add what their node derives from the entries (window deadlines).
+    """
+
+    def __init__(self, node_id: str, clock: Callable[[], float]) -> None:
+        self.node_id = node_id
+        self.clock = clock
+        self.partitions: dict[int, PartitionState] = {}
+        self.changed = False
+        """Something was applied, deleted or emitted since the last cut."""
+
+    def partition(self, partition: int) -> PartitionState:
+        part = self.partitions.get(partition)
+        if part is None:
+            part = self.partitions[partition] = PartitionState(partition, self.clock())
+        return part
+
+    def restore(self, saved: dict[int, tuple[dict[Any, Any], Any]]) -> None:
+        now = self.clock()
+        for partition, (entries, meta) in saved.items():
+            self.partition(partition).restore(entries, meta, now)
+            self.restored(self.partitions[partition])
+
+    def restored(self, part: PartitionState) -> None:
+        """Hook: rebuild what a subclass derives from ``part.entries``."""
+
+    def capture(self, committed: dict[int, int]) -> dict[int, PartitionDelta]:
+        """The changes since the last cut, pickled now (state keeps changing after)."""
+        delta: dict[int, PartitionDelta] = {}
+        for partition, part in self.partitions.items():
+            if partition in committed:
+                part.applied.prune(committed[partition])
+            entries = part.entries
+            changes = {
+                pickle.dumps(key, _PICKLE): (
+                    pickle.dumps(entries[key], _PICKLE) if key in entries else None
+                )
+                for key in part.dirty
+            }
+            part.dirty = set()
+            delta[partition] = (changes, pickle.dumps(part.meta(), _PICKLE))
+        self.changed = False
+        return delta
+
+    def keys(self) -> int:
+        return sum(len(part.entries) for part in self.partitions.values())
+
+
+class Barrier(Ack):
+    """Holds the acks of records applied between two cuts, until their snapshot is saved.
+
+    Pending counts one for the open interval (released at the cut) and one per
+    result emitted in it (released on delivery). When it reaches zero the
+    barrier is ``ready``; :meth:`WorkerState.advance` saves ready barriers in
+    order, then releases their ``members``.
+    """
+
+    __slots__ = ("delta", "members", "outputs", "ready")
+
+    def __init__(self) -> None:
+        self.pending = 1
+        self.members: list[Ack] = []
+        self.delta: Delta | None = None
+        self.outputs = 0
+        self.ready = False
+
+    def _finished(self) -> None:
+        self.ready = True
+
+
+class StateStore(Protocol):
+    """Where a run's snapshots are saved: per worker, one transaction per cut."""
+
+    def load(self, worker: int) -> Loaded: ...
+
+    def save(self, worker: int, delta: Delta) -> None:
+        """Apply ``delta`` to the worker's saved state, durably, before returning."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class WorkerState:
+    """Every stateful node's state on one worker, its barriers, and its snapshots."""
+
+    def __init__(self, worker: int, store: StateStore, clock: Callable[[], float]) -> None:
+        self.worker = worker
+        self.store = store
+        self.clock = clock
+        self.nodes: dict[str, NodeState] = {}
+        self.barrier = Barrier()
+        self.saving: deque[Barrier] = deque()
+        self.held = 0
+        """Records applied to state whose snapshot is not saved yet (in flight, but
+        not holding memory: only their acks are kept)."""
+        self._saved = store.load(worker)
+
+    def node(self, node_id: str, make: Callable[[], NodeState]) -> NodeState:
+        """The state of ``node_id`` on this worker, restored from the last snapshot."""
+        state = self.nodes.get(node_id)
+        if state is None:
+            state = self.nodes[node_id] = make()
+            saved = self._saved.pop(node_id, None)
+            if saved:
+                state.restore(saved)
+        return state
+
+    # -- the record side (the node operators) ------------------------------
+
+    def hold(self, ack: Ack) -> None:
+        """A record's effect is in state: it finishes when its snapshot is saved."""
+        self.barrier.members.append(ack)
+        self.held += 1
+
+    def hold_all(self, acks: list[Ack]) -> None:
+        self.barrier.members += acks
+        self.held += len(acks)
+
+    def output_ack(self) -> Ack:
+        """The ack of a result emitted now: the cut waits for its delivery."""
+        barrier = self.barrier
+        barrier.pending += 1
+        barrier.outputs += 1
+        return barrier
+
+    # -- the loop side (WorkerLoop) ------------------------------------------
+
+    @property
+    def changed(self) -> bool:
+        barrier = self.barrier
+        return bool(barrier.members or barrier.outputs) or any(
+            node.changed for node in self.nodes.values()
+        )
+
+    def cut(self, committed: dict[int, int]) -> None:
+        """Capture the changes since the last cut and open the next interval."""
+        barrier = self.barrier
+        barrier.delta = {node_id: node.capture(committed) for node_id, node in self.nodes.items()}
+        self.saving.append(barrier)
+        self.barrier = Barrier()
+        barrier.release()  # the interval is closed; its results may still be in flight
+
+    def advance(self) -> int:
+        """Save the ready snapshots in order, then release what they hold; return how many."""
+        saved = 0
+        saving = self.saving
+        while saving and saving[0].ready:
+            barrier = saving.popleft()
+            assert barrier.delta is not None
+            self.store.save(self.worker, barrier.delta)
+            barrier.delta = None
+            self.held -= len(barrier.members)
+            release_all(barrier.members)
+            saved += 1
+        return saved
+
+
+# -- stores -------------------------------------------------------------------
+
+
+def _merge(target: dict[str, dict[int, Any]], delta: Delta) -> None:
+    """Apply ``delta`` to a saved state held as pickled entries and metadata."""
+    for node_id, partitions in delta.items():
+        saved = target.setdefault(node_id, {})
+        for partition, (changes, meta) in partitions.items():
+            entries, _ = saved.get(partition, ({}, b""))
+            for key, value in changes.items():
+                if value is None:
+                    entries.pop(key, None)
+                else:
+                    entries[key] = value
+            saved[partition] = (entries, meta)
+
+
+def _unpickle(saved: dict[str, dict[int, tuple[dict[bytes, bytes], bytes]]]) -> Loaded:
+    return {
+        node_id: {
+            partition: (
+                {pickle.loads(k): pickle.loads(v) for k, v in entries.items()},
+                pickle.loads(meta),
+            )
+            for partition, (entries, meta) in partitions.items()
+        }
+        for node_id, partitions in saved.items()
+    }
+
+
+class MemoryStateStore:
+    """Snapshots kept in this process only (``state.durability = "volatile"``).
+
+    They survive a run of the same runner (``TestRunner`` runs one after the
+    other see the state as a restarted service would), not the process.
+    """
+
+    def __init__(self) -> None:
+        self._workers: dict[int, dict[str, dict[int, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def load(self, worker: int) -> Loaded:
+        with self._lock:
+            return _unpickle(self._workers.get(worker, {}))
+
+    def save(self, worker: int, delta: Delta) -> None:
+        with self._lock:
+            _merge(self._workers.setdefault(worker, {}), delta)
+
+    def close(self) -> None:
+        return None
+
+
+_WORKER_FILE = re.compile(r"worker-(\d+)-of-(\d+)\.sqlite3$")
+
+
+class SqliteStateStore:
+    """Snapshots in one SQLite file per worker under ``directory``.
+
+    ``worker-<i>-of-<n>.sqlite3``: state is partitioned across ``n`` workers,
+    so a directory written by another number of workers is refused
+    (:class:`~loom.errors.StateLayoutError`) rather than silently read in
+    part. Each save is one transaction with ``synchronous=FULL``: it is on
+    disk when :meth:`save` returns.
+    """
+
+    def __init__(self, directory: Path, workers: int) -> None:
+        self.directory = directory
+        self.workers = workers
+        directory.mkdir(parents=True, exist_ok=True)
+        others = sorted(
+            {int(m.group(2)) for p in directory.iterdir() if (m := _WORKER_FILE.match(p.name))}
+            - {workers}
+        )
+        if others:
+            raise StateLayoutError(
+                f"the state in {directory} was written by {others[0]} workers and this run "
+                f"has {workers}; run with {others[0]} workers (replicas x workers per "
+                f"process), or empty the directory to start the state afresh"
+            )
+        self._connections: dict[int, sqlite3.Connection] = {}
+        self._lock = threading.Lock()
+
+    def _connection(self, worker: int) -> sqlite3.Connection:
+        with self._lock:
+            connection = self._connections.get(worker)
+            if connection is None:
+                path = self.directory / f"worker-{worker}-of-{self.workers}.sqlite3"
+                connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=FULL")
+                connection.executescript(
+                    "CREATE TABLE IF NOT EXISTS entries (node TEXT, part INTEGER, key BLOB,"
+                    " value BLOB, PRIMARY KEY (node, part, key)) WITHOUT ROWID;"
+                    "CREATE TABLE IF NOT EXISTS meta (node TEXT, part INTEGER, value BLOB,"
+                    " PRIMARY KEY (node, part)) WITHOUT ROWID;"
+                )
+                self._connections[worker] = connection
+            return connection
+
+    def load(self, worker: int) -> Loaded:
+        db = self._connection(worker)
+        saved: dict[str, dict[int, tuple[dict[bytes, bytes], bytes]]] = {}
+        for node, part, meta in db.execute("SELECT node, part, value FROM meta"):
+            saved.setdefault(node, {})[part] = ({}, meta)
+        for node, part, key, value in db.execute("SELECT node, part, key, value FROM entries"):
+            saved[node][part][0][key] = value
+        return _unpickle(saved)
+
+    def save(self, worker: int, delta: Delta) -> None:
+        db = self._connection(worker)
+        db.execute("BEGIN")
+        try:
+            for node, partitions in delta.items():
+                for part, (changes, meta) in partitions.items():
+                    db.executemany(
+                        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)",
+                        _upserts(node, part, changes),
+                    )
+                    db.executemany(
+                        "DELETE FROM entries WHERE node = ? AND part = ? AND key = ?",
+                        _deletes(node, part, changes),
+                    )
+                    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?, ?)", (node, part, meta))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._connections.values():
+                connection.close()
+            self._connections.clear()
+
+
+def _upserts(
+    node: str, part: int, changes: dict[bytes, bytes | None]
+) -> Iterator[tuple[str, int, bytes, bytes]]:
+    return ((node, part, k, v) for k, v in changes.items() if v is not None)
+
+
+def _deletes(
+    node: str, part: int, changes: dict[bytes, bytes | None]
+) -> Iterable[tuple[str, int, bytes]]:
+    return ((node, part, k) for k, v in changes.items() if v is None)
