@@ -59,13 +59,13 @@ def http_get(url: str) -> tuple[int, str]:
 class ServiceProcess:
     """One service process; stopped with SIGTERM or killed with SIGKILL."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], module: str = "tests.kafka.service_app") -> None:
         self.probe_url = f"http://127.0.0.1:{env['LOOM_OBSERVABILITY__PROMETHEUS_PORT']}"
         # Files, not pipes: an unread pipe that fills up would block the service.
         self._stdout = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in __exit__
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.kafka.service_app"],
+            [sys.executable, "-m", module],
             env=env,
             cwd=ROOT,
             stdout=self._stdout,

@@ -31,7 +31,12 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
-from loom.config.context import ConfigContext, KafkaSettings, ObservabilitySettings
+from loom.config.context import (
+    ConfigContext,
+    KafkaSettings,
+    ObservabilitySettings,
+    StateSettings,
+)
 from loom.config.delivery import AT_LEAST_ONCE
 from loom.config.interpolation import interpolate
 from loom.config.runtime import BytewaxRecoverySettings, BytewaxRuntimeConfig
@@ -39,7 +44,7 @@ from loom.errors import ConfigPathError, MissingVariableError
 from loom.errors import SettingsError as SettingsError  # noqa: PLC0414 (re-export)
 
 PREFIX = "LOOM_"
-_SECTIONS = ("kafka", "topics", "runtime", "observability", "config_file")
+_SECTIONS = ("kafka", "topics", "runtime", "observability", "state", "config_file")
 _TOP_LEVEL = ("config_file", "log_level")
 """Variables outside the config sections (the log level is read by the service)."""
 _CLUSTER_KEYS = ("process_id_from_hostname", "replicas", "cluster_service", "cluster_port")
@@ -70,6 +75,7 @@ class _Environment(BaseSettings):
     topics: dict[str, Any] = pydantic.Field(default_factory=dict)
     runtime: dict[str, Any] = pydantic.Field(default_factory=dict)
     observability: dict[str, Any] = pydantic.Field(default_factory=dict)
+    state: dict[str, Any] = pydantic.Field(default_factory=dict)
 
 
 def variable_name(path: tuple[str, ...]) -> str:
@@ -121,7 +127,11 @@ def known_variables() -> dict[str, str]:
     parameters), so it cannot drift from what :func:`load_config` accepts.
     """
     known = {PREFIX + key.upper(): _OUTSIDE_SECTIONS[key] for key in _TOP_LEVEL}
-    for section, model in (("kafka", KafkaSettings), ("observability", ObservabilitySettings)):
+    for section, model in (
+        ("kafka", KafkaSettings),
+        ("observability", ObservabilitySettings),
+        ("state", StateSettings),
+    ):
         for name, info in model.model_fields.items():
             known[variable_name((section, name))] = _plain(info.description or "")
     runtime = _documented_params(BytewaxRuntimeConfig)
@@ -267,7 +277,7 @@ def _unknown_variables(env_map: Mapping[str, str]) -> list[str]:
         if section not in _SECTIONS or not sep:
             hint = did_you_mean(name, known_variables()) or (
                 " (expected LOOM_KAFKA__*, LOOM_TOPICS__*, LOOM_RUNTIME__*, "
-                "LOOM_OBSERVABILITY__*, LOOM_CONFIG_FILE or LOOM_LOG_LEVEL)"
+                "LOOM_OBSERVABILITY__*, LOOM_STATE__*, LOOM_CONFIG_FILE or LOOM_LOG_LEVEL)"
             )
             problems.append(f"{name}: unknown setting{hint}")
     return problems
