@@ -158,8 +158,11 @@ class MemoryReader:
             if p % worker_count == worker_index
         }
         self.commits: list[dict[int, int]] = []
+        self.polled = False
+        """The worker's loop has polled at least once (its operators have run)."""
 
     def poll(self, max_records: int) -> list[Origin]:
+        self.polled = True
         batch: list[Origin] = []
         for partition, position in self.positions.items():
             if len(batch) >= max_records:
@@ -426,7 +429,8 @@ class TestRunner:
                 if not pending[0]:
                     return False
                 readers = self.transport.readers
-                if len(readers) < workers or not all(r.read_all() for r in readers):
+                done = all(reader.polled and reader.read_all() for reader in readers)
+                if len(readers) < workers or not done:
                     return True
                 self.clock.advance(advance_ms)
                 pending[0] = False

@@ -162,6 +162,10 @@ class NodeState:
         self.partitions: dict[int, PartitionState] = {}
         self.changed = False
         """Something was applied, deleted or emitted since the last cut."""
+        self.entry_bytes = 0.0
+        """Mean pickled size of an entry in recent snapshots (for ``loom_state_bytes``)."""
+        self.report: Callable[[NodeState], None] | None = None
+        """Called after each cut, to publish the node's gauges."""
 
     def partition(self, partition: int) -> PartitionState:
         part = self.partitions.get(partition)
@@ -193,7 +197,15 @@ class NodeState:
             }
             part.dirty = set()
             delta[partition] = (changes, pickle.dumps(part.meta(), _PICKLE))
+            sizes = [len(value) for value in changes.values() if value is not None]
+            if sizes:
+                mean = sum(sizes) / len(sizes)
+                self.entry_bytes = (
+                    mean if not self.entry_bytes else 0.8 * self.entry_bytes + 0.2 * mean
+                )
         self.changed = False
+        if self.report is not None:
+            self.report(self)
         return delta
 
     def keys(self) -> int:

@@ -77,8 +77,29 @@ class _StateOp:
             loop = self.run.worker(index)
             if loop.state is None:
                 raise RuntimeError(f"{self.node}: worker {index} has no state (no store)")
-            found = self._workers[index] = (loop, loop.state.node(self.node, self._make_state))
+            state = loop.state.node(self.node, self._make_state)
+            if self.metrics is not None:
+                state.report = self._reporter(str(index))
+                state.report(state)
+            found = self._workers[index] = (loop, state)
         return found
+
+    def _reporter(self, worker: str) -> Callable[[NodeState], None]:
+        """Publish a worker's gauges of this node (after each snapshot cut)."""
+        assert self.metrics is not None
+        labels = (self.flow, self.node, worker)
+        keys = self.metrics.state_keys.labels(*labels)
+        size = self.metrics.state_bytes.labels(*labels)
+        windows = self.metrics.windows_open.labels(*labels)
+
+        def report(state: NodeState) -> None:
+            count = state.keys()
+            keys.set(count)
+            size.set(count * state.entry_bytes)
+            if isinstance(state, WindowState):
+                windows.set(state.open_count)
+
+        return report
 
     def _follow_idle(self, loop: WorkerLoop, state: NodeState, now: float) -> None:
         """Move the event time of idle partitions on with the wall clock (every tick at most)."""
@@ -210,6 +231,8 @@ class WindowState(NodeState):
         super().__init__(node_id, clock)
         self.spec = spec
         self.deadlines: dict[int, list[tuple[int, Any, int]]] = {}
+        self.open_count = 0
+        """Windows (or sessions) waiting to close, kept up to date as they open and close."""
 
     def heap(self, partition: int) -> list[tuple[int, Any, int]]:
         heap = self.deadlines.get(partition)
@@ -221,14 +244,12 @@ class WindowState(NodeState):
         heap = self.heap(part.partition)
         spec = self.spec
         for key, windows in part.entries.items():
+            self.open_count += len(windows)
             if isinstance(spec, Session):
                 heap += [(last + spec.gap_ms, key, start) for start, last, _ in windows]
             else:
                 heap += [(start + spec.size_ms, key, start) for start in windows]
         heapq.heapify(heap)
-
-    def open_windows(self) -> int:
-        return sum(len(windows) for p in self.partitions.values() for windows in p.entries.values())
 
 
 class WindowOp(_StateOp):
@@ -337,7 +358,7 @@ class WindowOp(_StateOp):
             if windows is None:
                 windows = part.entries[key] = {}
             try:
-                _add_to_windows(
+                state.open_count += _add_to_windows(
                     windows,
                     value=rec.value,
                     starts=range(first, t - t % step + 1, step),
@@ -393,14 +414,17 @@ class WindowOp(_StateOp):
                 if not joined and t + gap + grace <= part.watermark:
                     failed += self._late(rec, t, Window(t, t + gap), part)
                     continue
-                acc = aggregate.add(aggregate.initial(), rec.value)
-                start, last = t, t
-                for session in joined:
-                    acc = aggregate.merge(session[2], acc)
-                    start, last = min(start, session[0]), max(last, session[1])
+                # Joined sessions merge in time order, then the record is added.
+                acc = joined[0][2] if joined else aggregate.initial()
+                for session in joined[1:]:
+                    acc = aggregate.merge(acc, session[2])
+                acc = aggregate.add(acc, rec.value)
+                start = min([t, *(session[0] for session in joined)])
+                last = max([t, *(session[1] for session in joined)])
             except Exception as exc:
                 failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
                 continue
+            state.open_count += 1 - len(joined)
             kept = [s for s in sessions if s not in joined]
             kept.append([start, last, acc])
             kept.sort(key=_session_start)
@@ -440,6 +464,7 @@ class WindowOp(_StateOp):
                 acc = windows.pop(start)
             if not windows:
                 del entries[key]
+            state.open_count -= 1
             part.dirty.add(key)
             state.changed = True
             value = result(key, Window(start, end), acc)
@@ -456,14 +481,17 @@ def _add_to_windows(
     heap: list[tuple[int, Any, int]],
     initial: Callable[[], Any],
     add: Callable[[Any, Any], Any],
-) -> None:
-    """Add ``value`` to the windows of ``key`` starting at ``starts``, opening new ones."""
+) -> int:
+    """Add ``value`` to the windows of ``key`` starting at ``starts``; return how many opened."""
+    opened = 0
     for start in starts:
         acc = windows.get(start)
         if acc is None:
             acc = initial()
             heapq.heappush(heap, (start + size, key, start))
+            opened += 1
         windows[start] = add(acc, value)
+    return opened
 
 
 def _session_start(session: list[Any]) -> Any:
