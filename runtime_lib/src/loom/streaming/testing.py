@@ -394,7 +394,8 @@ class TestRunner:
         before the final drain; after ``timeout_s`` it closes regardless and
         the caller's assertions report what was missing.
 
-        ``advance_ms``: once every worker has read all input, the clock moves
+        ``advance_ms``: once every worker has read all input and nothing is
+        in flight (async calls, retries) but what state holds, the clock moves
         on by that much, as if the input had been idle that long: windows whose
         end plus grace falls in that time close and are emitted before the
         run ends. Windows still open stay in state for the next run.
@@ -430,7 +431,10 @@ class TestRunner:
                     return False
                 readers = self.transport.readers
                 done = all(reader.polled and reader.read_all() for reader in readers)
-                if len(readers) < workers or not done:
+                run = self.runner.run_state
+                loops = run.workers() if run is not None else []
+                settled = len(loops) >= workers and all(loop.settled for loop in loops)
+                if len(readers) < workers or not done or not settled:
                     return True
                 self.clock.advance(advance_ms)
                 pending[0] = False

@@ -541,6 +541,11 @@ class StreamingRunner:
             server.stop()
 
     @property
+    def run_state(self) -> RunState | None:
+        """The state of the run in progress (its workers' loops), or None between runs."""
+        return self._run_state
+
+    @property
     def observability(self) -> ObservabilityRuntime:
         return self._observability
 

@@ -154,6 +154,8 @@ class WorkerLoop:
             self.state = WorkerState(index, run.store, run.clock)
         self._last_cut = time.monotonic()
         self._drain_passes = 0
+        self.settled = False
+        """At the end of the last turn: nothing read, nothing in flight but what state holds."""
 
     def attach(
         self,
@@ -218,6 +220,8 @@ class WorkerLoop:
         if settings.commits.due(self._last_commit, now, idle=self._idle):
             self._last_commit = now
             self._commit()
+        # Nothing moving but what state holds (TestRunner advances time only then).
+        self.settled = self._idle and in_flight == held
         if self._idle and in_flight == 0 and state is None:
             return []
         return [Chunk(self.index, records, failures)]
