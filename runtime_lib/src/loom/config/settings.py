@@ -99,9 +99,17 @@ def describe(error: SettingsError) -> list[str]:
     if not isinstance(error, ConfigPathError):
         return list(error.problems)
     return [
-        f"{', '.join(variable_name(path) for path in paths)}: {message}"
+        f"{', '.join(variable_name(path) for path in paths)}: {_name_paths(message)}"
         for paths, message in error.located
     ]
+
+
+_MENTIONED_PATH = re.compile(r"\b(?:kafka|state|observability|streaming\.runtime)(?:\.[a-z_]+)+\b")
+
+
+def _name_paths(message: str) -> str:
+    """Config paths a message mentions (``state.durability=...``), as variables."""
+    return _MENTIONED_PATH.sub(lambda m: variable_name(tuple(m.group(0).split("."))), message)
 
 
 def topic_variable(logical: str) -> str:
