@@ -51,10 +51,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_the_readme_examples_cover_flow_routing_service_and_tests() -> None:
+def test_the_readme_examples_cover_flow_routing_windows_service_and_tests() -> None:
     assert set(blocks()) == {
         "src/orders_pricing/flow.py",
         "src/orders_pricing/routing.py",
+        "src/orders_pricing/totals.py",
         "src/orders_pricing/__main__.py",
         "tests/test_flow.py",
     }
@@ -79,13 +80,14 @@ def readme_flows(project: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, St
     flows = {
         "flow": importlib.import_module("orders_pricing.flow").flow,
         "routed": importlib.import_module("orders_pricing.routing").routed,
+        "totals": importlib.import_module("orders_pricing.totals").totals,
     }
     for name in [name for name in sys.modules if name.startswith("orders_pricing")]:
         monkeypatch.delitem(sys.modules, name)
     return flows
 
 
-@pytest.mark.parametrize("name", ["flow", "routed"])
+@pytest.mark.parametrize("name", ["flow", "routed", "totals"])
 def test_compile_flow_takes_the_config_as_a_plain_dict(
     readme_flows: dict[str, StreamFlow], name: str
 ) -> None:

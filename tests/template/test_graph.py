@@ -20,13 +20,17 @@ from loom.streaming import (
     ErrorKind,
     ExpandStep,
     FromTopic,
+    Hopping,
     IntoSink,
     IntoTopic,
     Process,
     RecordStep,
     Route,
     Router,
+    StatefulStep,
     StreamFlow,
+    Sum,
+    WindowAggregate,
     WithAsync,
 )
 
@@ -236,3 +240,41 @@ def test_the_cli_explains_a_bad_target(
 ) -> None:
     assert main(["graph", target.format(module=flow_module)]) == 2
     assert message in capsys.readouterr().err
+
+
+def dedup(seen: bool | None, order: Order) -> tuple[bool, Order | None]:
+    return True, None if seen else order
+
+
+def test_stateful_nodes_are_hexagons_with_their_window_aggregate_and_key() -> None:
+    flow: StreamFlow[Any, Any] = StreamFlow(
+        "stateful-flow",
+        source=FromTopic("input", payload=Order),
+        process=Process(
+            Router(
+                Route(
+                    when=is_large,
+                    to=Process(
+                        StatefulStep(dedup, key=lambda order: order.id, ttl_ms=60_000),
+                        IntoTopic("large"),
+                    ),
+                ),
+                default=Process(
+                    WindowAggregate(Hopping(60_000, 10_000), Sum("amount"), grace_ms=500),
+                    IntoTopic("totals"),
+                ),
+            ),
+        ),
+        errors=IntoTopic("dlq"),
+    )
+    diagram = mermaid(flow)
+    step = "StatefulStep: dedup<br/>key: lambda<br/>ttl 60000 ms"
+    window = (
+        "WindowAggregate<br/>hopping 60000 ms every 10000 ms, grace 500 ms<br/>"
+        "Sum('amount')<br/>key: record key"
+    )
+    ids = {label: node for node, label in labels(diagram).items()}
+    assert f'{ids[step]}{{{{"{step}"}}}}' in diagram
+    assert f'{ids[window]}{{{{"{window}"}}}}' in diagram
+    assert (ids[step], "TASK, BUSINESS", "errors") in edges(diagram)
+    assert (ids[window], "TASK, BUSINESS, LATE", "errors") in edges(diagram)

@@ -601,6 +601,12 @@ class StreamingRunner:
             return None
         settings = self.config.state
         names = ", ".join(repr(node.node_id) for node in nodes)
+        if self.config.kafka.delivery.auto_commit:
+            logger.warning(
+                "state of %s with at-most-once delivery: librdkafka commits offsets whatever "
+                "the snapshots hold, so a crash can lose what open windows and keys held",
+                names,
+            )
         if settings.dir is not None:
             workers = runtime.workers_per_process * max(1, len(runtime.addresses or ()))
             directory = Path(settings.dir) / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.plan.name)

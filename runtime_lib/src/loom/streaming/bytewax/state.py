@@ -35,6 +35,7 @@ import pickle
 import re
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -259,6 +260,8 @@ class WorkerState:
         self.held = 0
         """Records applied to state whose snapshot is not saved yet (in flight, but
         not holding memory: only their acks are kept)."""
+        self.timed: Callable[[float], None] | None = None
+        """Told the seconds each save took (``loom_state_snapshot_seconds``)."""
         self._saved = store.load(worker)
 
     def node(self, node_id: str, make: Callable[[], NodeState]) -> NodeState:
@@ -313,7 +316,10 @@ class WorkerState:
         while saving and saving[0].ready:
             barrier = saving.popleft()
             assert barrier.delta is not None
+            started = time.perf_counter()
             self.store.save(self.worker, barrier.delta)
+            if self.timed is not None:
+                self.timed(time.perf_counter() - started)
             barrier.delta = None
             self.held -= len(barrier.members)
             release_all(barrier.members)

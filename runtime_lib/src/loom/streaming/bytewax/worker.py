@@ -14,9 +14,15 @@ Loom that call is the worker's whole control loop, in this order:
 4. **commit** the finished prefix of every partition, when the
    :class:`CommitPolicy` says it is due.
 
+A flow with stateful nodes also **snapshots** (:mod:`.state`): at the top of
+each turn the worker's ready snapshots are saved, releasing the records they
+hold; every ``snapshot_interval_s`` a new snapshot is cut. Such a flow ticks
+while idle, so event time can follow the wall clock.
+
 On a stop request (or finite input) the loop *drains* instead: it stops
-reading, flushes buffering operators, waits until every consumed record is
-finished (or the drain timeout passes), commits, and ends.
+reading, flushes buffering operators (open windows stay open: they are
+snapshotted), waits until every consumed record is finished (or the drain
+timeout passes), commits, and ends.
 
 Everything here runs on the worker's own thread; only ``RunState.stop`` and
 the readiness bookkeeping cross threads.
@@ -172,6 +178,9 @@ class WorkerLoop:
         self._flow, self._topic = flow, topic
         if observability is not None:
             self._metrics = _CommitMetrics(observability, flow, topic, self.index)
+            if self.state is not None:
+                histogram = observability.metrics.snapshot_seconds.labels(flow, str(self.index))
+                self.state.timed = histogram.observe
 
     @property
     def reader(self) -> TransportReader:
