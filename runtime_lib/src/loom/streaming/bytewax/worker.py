@@ -51,6 +51,9 @@ _MAX_TICK_MS = 5
 """Idle workers with unfinished records wake at least this often (ms), to poll
 delivery reports and let batch timeouts and async results progress."""
 _DRAIN_POLL = timedelta(milliseconds=1)
+_MAX_UNSAVED_SNAPSHOTS = 8
+"""Cut snapshots not yet saved (results undelivered) before held records count as
+in flight again, so a worker whose results cannot be delivered stops reading."""
 
 Reader = Callable[[list[Origin]], tuple[list[Rec], list[Failure]]]
 """Turns polled input records into records in flight and decode failures."""
@@ -205,11 +208,12 @@ class WorkerLoop:
         held = 0
         if state is not None:
             state.advance()
-            held = state.held
+            # Records held by state keep only their acks (no memory to bound), but
+            # snapshots waiting for their results' delivery do: stop reading then.
+            held = state.held if len(state.saving) < _MAX_UNSAVED_SNAPSHOTS else 0
         in_flight = self.progress.advance()
         records: list[Rec] = []
         failures = self.feedback.take()
-        # Records held by state keep only their acks (no memory to bound).
         if in_flight - held < settings.max_in_flight and not self._saturated():
             origins = self.reader.poll(settings.max_poll_records)
             if origins:
