@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from loom.envcontract import check, contract, read_environment
-from loom.streaming import IntoTopic, Route, Router
+from loom.streaming import IntoTopic, Route, Router, StatefulStep
 from tests.runtime.payloads import enrich_flow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,3 +171,20 @@ def test_loom_env_lists_the_contract_of_a_flow(tmp_path: Path) -> None:
 def test_every_variable_of_the_contract_says_what_it_means() -> None:
     unexplained = [variable.name for variable in contract(enrich_flow()) if not variable.meaning]
     assert unexplained == []
+
+
+def test_a_flow_that_keeps_state_requires_a_state_directory_or_volatile_state(
+    tmp_path: Path,
+) -> None:
+    flow = enrich_flow(StatefulStep(lambda state, value: (state, value)))
+    required = [variable.name for variable in contract(flow) if variable.required]
+    assert "LOOM_STATE__DIR" in required
+    dotenv = BOUND + "LOOM_TOPICS__DLQ=c\n"
+    missing = write(tmp_path, "missing.env", dotenv)
+    assert [problem.split(": ")[1] for problem in check(flow, read_environment(missing))] == [
+        "LOOM_STATE__DIR is not set (Directory for state snapshots, on a persistent volume"
+        " (one SQLite file per worker))"
+    ]
+    volatile = write(tmp_path, "volatile.env", dotenv + "LOOM_STATE__DURABILITY=volatile\n")
+    assert check(flow, read_environment(volatile)) == []
+    assert "LOOM_STATE__DIR" not in [v.name for v in contract(enrich_flow()) if v.required]

@@ -36,7 +36,8 @@ import yaml
 
 from loom.config.settings import PREFIX, did_you_mean, known_variables, topic_variable
 from loom.graph import load_flow
-from loom.streaming.compiler import logical_topics
+from loom.streaming.compiler import compile_unbound, logical_topics
+from loom.streaming.errors import FlowValidationError
 from loom.streaming.nodes import StreamFlow
 
 _DOTENV_LINE = re.compile(r"^\s*(#)?\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -66,16 +67,34 @@ class Environment:
     documented: frozenset[str]
 
 
+STATE_DIR = "LOOM_STATE__DIR"
+"""Required of a flow that keeps state (its snapshots' volume)."""
+
+
 def contract(flow: StreamFlow[Any, Any]) -> list[Variable]:
-    """Every variable ``flow``'s service reads, the required ones first."""
+    """Every variable ``flow``'s service reads, the required ones first.
+
+    A flow with stateful nodes also requires ``LOOM_STATE__DIR`` (a
+    deployment that accepts volatile state sets ``LOOM_STATE__DURABILITY``
+    instead, and the check accepts either).
+    """
     topics = [
         Variable(topic_variable(topic), True, f"physical topic of logical topic {topic!r}")
         for topic in logical_topics(flow)
     ]
+    required = {REQUIRED, STATE_DIR} if keeps_state(flow) else {REQUIRED}
     settings = [
-        Variable(name, name == REQUIRED, meaning) for name, meaning in known_variables().items()
+        Variable(name, name in required, meaning) for name, meaning in known_variables().items()
     ]
     return sorted([*settings, *topics], key=lambda v: not v.required)
+
+
+def keeps_state(flow: StreamFlow[Any, Any]) -> bool:
+    """Whether ``flow`` has stateful nodes (False when it does not compile)."""
+    try:
+        return bool(compile_unbound(flow).state_nodes())
+    except FlowValidationError:
+        return False
 
 
 def read_environment(path: str | Path) -> Environment:
@@ -128,10 +147,13 @@ def check(flow: StreamFlow[Any, Any], environment: Environment) -> list[str]:
     """
     variables = contract(flow)
     known = [variable.name for variable in variables]
+    volatile = "LOOM_STATE__DURABILITY" in environment.bound
     problems = [
         f"{environment.path}: {variable.name} is not set ({variable.meaning})"
         for variable in variables
-        if variable.required and variable.name not in environment.bound
+        if variable.required
+        and variable.name not in environment.bound
+        and not (variable.name == STATE_DIR and volatile)
     ]
     for name in sorted(environment.documented.difference(known)):
         problems.append(f"{environment.path}: {name} configures nothing{did_you_mean(name, known)}")
