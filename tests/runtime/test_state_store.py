@@ -91,9 +91,9 @@ def test_a_stateful_service_without_a_state_directory_exits_2_naming_the_variabl
     assert "LOOM_STATE__DURABILITY=volatile" in line
 
 
-def test_state_of_another_number_of_workers_stops_the_service_at_start(
+def test_state_of_another_number_of_workers_stops_the_service_with_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     SqliteStateStore(tmp_path / "tally", workers=3).save(0, {})
-    assert run_service(FLOW, environ={**ENV, "LOOM_STATE__DIR": str(tmp_path)}) == 1
+    assert run_service(FLOW, environ={**ENV, "LOOM_STATE__DIR": str(tmp_path)}) == 2
     assert "written by 3 workers and this run has 1" in capsys.readouterr().err

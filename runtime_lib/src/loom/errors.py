@@ -7,12 +7,12 @@
     ├── ConfigurationError            fix the declaration or the config, start again
     │   ├── SettingsError             (ValueError) invalid LOOM_* variables / config file
     │   │   └── ConfigPathError           refused below the settings layer, by config path
+    │   │       └── StateLayoutError          the state directory holds another number
+    │   │                                     of workers' state
     │   ├── MissingVariableError      (KeyError) the config file names an unset ${VAR}
     │   └── FlowValidationError       (ValueError) the flow declaration cannot run
     ├── StartupError                  (RuntimeError) the service cannot start *here*
     │   ├── KafkaStartupError         the cluster: unreachable, topics missing, ...
-    │   ├── StateLayoutError          the state directory was written by another
-    │   │                             number of workers
     │   └── DevBrokerError            the development broker could not start
     ├── ClusterPeerLostError          (RuntimeError) a cluster process is gone: restart all
     ├── RecordError                   one record failed: it becomes a dead letter,
@@ -89,6 +89,14 @@ class ConfigPathError(SettingsError):
         )
 
 
+class StateLayoutError(ConfigPathError):
+    """The state directory holds snapshots of another number of workers.
+
+    State is partitioned across workers; reading part of it would lose keys.
+    Run with the number of workers that wrote it, or empty the directory.
+    """
+
+
 class MissingVariableError(ConfigurationError, KeyError):
     """A ``${VAR}`` without default names an unset environment variable."""
 
@@ -124,14 +132,6 @@ class StartupError(LoomError, RuntimeError):
 
 class KafkaStartupError(StartupError):
     """The flow cannot start against this cluster; the message says why."""
-
-
-class StateLayoutError(StartupError):
-    """The state directory holds snapshots of another number of workers.
-
-    State is partitioned across workers; reading part of it would lose keys.
-    Run with the number of workers that wrote it, or empty the directory.
-    """
 
 
 class DevBrokerError(StartupError):

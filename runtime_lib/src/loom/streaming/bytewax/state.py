@@ -403,9 +403,14 @@ class SqliteStateStore:
         )
         if others:
             raise StateLayoutError(
-                f"the state in {directory} was written by {others[0]} workers and this run "
-                f"has {workers}; run with {others[0]} workers (replicas x workers per "
-                f"process), or empty the directory to start the state afresh"
+                [
+                    (
+                        [("streaming", "runtime", "workers_per_process"), ("state", "dir")],
+                        f"the state in {directory} was written by {others[0]} workers and this "
+                        f"run has {workers}; run with {others[0]} workers (replicas x workers "
+                        "per process), or empty the directory to start the state afresh",
+                    )
+                ]
             )
         self._connections: dict[int, sqlite3.Connection] = {}
         self._lock = threading.Lock()
