@@ -42,7 +42,8 @@ from loom.streaming.bytewax.outputs import AckingSink, TopicSink
 from loom.streaming.bytewax.records import Chunk, Failure, Outbound
 from loom.streaming.bytewax.retries import RetryOp
 from loom.streaming.bytewax.source import FlowSource
-from loom.streaming.bytewax.stateful import StatefulOp, WindowOp
+from loom.streaming.bytewax.stateful import StatefulOp
+from loom.streaming.bytewax.windowing import window_operator
 from loom.streaming.bytewax.worker import RunState
 from loom.streaming.errors import ErrorKind
 from loom.streaming.plan import (
@@ -190,7 +191,7 @@ class DataflowBuilder:
         return self.map_step(step.node_id, stream, operator)
 
     def _window(self, step: WindowPlan, stream: Stream[Chunk]) -> Stream[Chunk]:
-        operator = WindowOp(self.plan.name, step, self.run, self.metrics)
+        operator = window_operator(self.plan.name, step, self.run, self.metrics)
         return self.map_step(step.node_id, stream, operator)
 
     def _router(self, end: RouterPlan, stream: Stream[Chunk]) -> None:

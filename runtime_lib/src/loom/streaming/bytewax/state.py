@@ -91,6 +91,21 @@ class AppliedOffsets:
         bits[byte] |= 1 << (i & 7)
         self.top = max(self.top, offset)
 
+    def mark_all(self, offsets: list[int]) -> None:
+        """:meth:`mark` each of ``offsets`` (a chunk's, in one call)."""
+        if not offsets:
+            return
+        bits, base = self.bits, self.base
+        highest = max(offsets)
+        needed = ((highest - base) >> 3) + 1
+        if needed > len(bits):
+            bits.extend(bytes(max(needed - len(bits), 1024)))
+        for offset in offsets:
+            i = offset - base
+            if i >= 0:
+                bits[i >> 3] |= 1 << (i & 7)
+        self.top = max(self.top, highest)
+
     def prune(self, committed: int) -> None:
         """Forget offsets below ``committed`` (the partition's committed offset)."""
         drop = (committed - self.base) >> 3
@@ -212,6 +227,10 @@ class NodeState:
     def keys(self) -> int:
         return sum(len(part.entries) for part in self.partitions.values())
 
+    def open_windows(self) -> int | None:
+        """Windows waiting to close, for nodes that have windows."""
+        return None
+
 
 class Barrier(Ack):
     """Holds the acks of records applied between two cuts, until their snapshot is saved.
@@ -287,9 +306,13 @@ class WorkerState:
 
     def output_ack(self) -> Ack:
         """The ack of a result emitted now: the cut waits for its delivery."""
+        return self.output_acks(1)
+
+    def output_acks(self, count: int) -> Ack:
+        """The ack shared by ``count`` results emitted now."""
         barrier = self.barrier
-        barrier.pending += 1
-        barrier.outputs += 1
+        barrier.pending += count
+        barrier.outputs += count
         return barrier
 
     # -- the loop side (WorkerLoop) ------------------------------------------

@@ -1,7 +1,8 @@
-"""The operators of the stateful nodes: ``StatefulStep`` and ``WindowAggregate``.
+"""The operator of ``StatefulStep``, and what every stateful operator shares.
 
-Both keep their state in :mod:`loom.streaming.bytewax.state` (per worker, per
-input partition, snapshotted by the worker loop) and follow its rules:
+Stateful operators (this one, and the windows of :mod:`.windowing`) keep
+their state in :mod:`loom.streaming.bytewax.state` (per worker, per input
+partition, snapshotted by the worker loop) and follow its rules:
 
 - a record already in the restored state (:class:`~.state.AppliedOffsets`)
   is skipped: its ack is released, it is not applied twice;
@@ -14,30 +15,32 @@ input partition, snapshotted by the worker loop) and follow its rules:
 
 Event time is per input partition (``PartitionState.watermark``): the
 largest record time seen, moved on by the wall clock while the partition is
-read to its end (``TransportReader.caught_up``). Windows close when the
-watermark passes their end plus the grace; closing is checked after each
-chunk and on the loop's ticks, and never on a drain's flush (open windows
-stay in the snapshot and continue after a restart).
+read to its end (``TransportReader.caught_up``). ``ttl_ms`` and windows are
+measured in it.
+
+The per-record loops are written out flat, with the applied offsets and the
+held acks collected per chunk and handed over in one call each: a method
+call per record per bookkeeping step measured ~0.3 µs of the ~2 µs a
+record cost.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import types
 from collections.abc import Callable
 from typing import Any
 
+from loom.delivery.acks import Ack
 from loom.observability.metrics import FlowMetrics
 from loom.streaming.bytewax.records import Chunk, Failure, Rec, error_kind_of, failures_for
 from loom.streaming.bytewax.state import NodeState, PartitionState
 from loom.streaming.bytewax.worker import RunState, WorkerLoop
 from loom.streaming.errors import ErrorKind
-from loom.streaming.plan import STATE_TICK_MS, StatefulPlan, WindowPlan
-from loom.streaming.windows import Hopping, Session, Tumbling, Window
+from loom.streaming.plan import STATE_TICK_MS, StatefulPlan
 
-_NO_KEY = "the record has no key; state is kept per Kafka record key (or give key=...)"
-_NO_ORIGIN = "the record has no input record to track (it comes from a batch)"
+NO_KEY = "the record has no key; state is kept per Kafka record key (or give key=...)"
+NO_ORIGIN = "the record has no input record to track (it comes from a batch)"
 _SEVERAL = (list, tuple, types.GeneratorType)
 """Outputs a StatefulStep returns as several records (any other value is one)."""
 
@@ -56,7 +59,7 @@ def observe(part: PartitionState, stamp: int, now: float) -> None:
         part.watermark = max(part.watermark, stamp)
 
 
-class _StateOp:
+class StateOp:
     """What both stateful operators share: per-worker state and the idle clock."""
 
     def __init__(self, flow: str, node_id: str, run: RunState, metrics: FlowMetrics | None) -> None:
@@ -96,8 +99,9 @@ class _StateOp:
             count = state.keys()
             keys.set(count)
             size.set(count * state.entry_bytes)
-            if isinstance(state, WindowState):
-                windows.set(state.open_count)
+            open_windows = state.open_windows()
+            if open_windows is not None:
+                windows.set(open_windows)
 
         return report
 
@@ -115,7 +119,7 @@ class _StateOp:
 # -- StatefulStep ---------------------------------------------------------------
 
 
-class StatefulOp(_StateOp):
+class StatefulOp(StateOp):
     """``StatefulStep``: ``fn(state, value) -> (state, output)`` per record, by key."""
 
     def __init__(
@@ -128,34 +132,41 @@ class StatefulOp(_StateOp):
         self._next_expiry: dict[tuple[int, int], int] = {}
         self.expired = metrics.expired_keys.labels(flow, plan.node_id) if metrics else None
 
-    def __call__(self, chunk: Chunk) -> Chunk:
+    def __call__(self, chunk: Chunk) -> Chunk:  # noqa: PLR0915 - one flat loop (module docstring)
         loop, state = self._worker(chunk.worker)
         worker_state = loop.state
         assert worker_state is not None
         now = self.clock()
         out: list[Rec] = []
         failed: list[Failure] = []
+        held: list[Ack] = []
+        marks: list[int] = []
         fn, key_of, ttl = self.fn, self.key, self.ttl_ms
-        hold, output_ack = worker_state.hold, worker_state.output_ack
+        output_ack = worker_state.output_ack
         part: PartitionState | None = None
         for rec in chunk.records:
             origin = rec.origin
             if origin is None:
-                failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, _NO_ORIGIN)
+                failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, NO_ORIGIN)
                 continue
             partition = origin.partition() or 0
             if part is None or part.partition != partition:
+                if part is not None:
+                    part.applied.mark_all(marks)
+                    marks = []
                 part = state.partition(partition)
             offset = origin.offset() or 0
-            applied = part.applied
-            if applied.seen(offset):
+            if offset <= part.applied.top and part.applied.seen(offset):
                 rec.ack.release()  # in the restored state already: applied once
                 continue
-            observe(part, origin.timestamp()[1], now)
+            stamp = origin.timestamp()[1]
+            if stamp > part.max_event:
+                part.max_event, part.arrival = stamp, now
+                part.watermark = max(part.watermark, stamp)
             try:
                 key = origin.key() if key_of is None else key_of(rec.value)
                 if key is None:
-                    failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, _NO_KEY)
+                    failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, NO_KEY)
                     continue
                 entries = part.entries
                 current = entries.get(key)
@@ -170,11 +181,14 @@ class StatefulOp(_StateOp):
             else:
                 entries[key] = new_state if ttl is None else (new_state, part.max_event)
             part.dirty.add(key)
-            applied.mark(offset)
-            hold(rec.ack)
+            marks.append(offset)
+            held.append(rec.ack)
             if output is not None:
-                _emit(rec, output, out, output_ack)
+                emit(rec, output, out, output_ack)
+        if part is not None:
+            part.applied.mark_all(marks)
         if chunk.records:
+            worker_state.hold_all(held)
             state.changed = True
         self._follow_idle(loop, state, now)
         if ttl is not None:
@@ -200,7 +214,7 @@ class StatefulOp(_StateOp):
                     self.expired.inc(len(stale))
 
 
-def _emit(rec: Rec, output: Any, out: list[Rec], output_ack: Callable[[], Any]) -> None:
+def emit(rec: Rec, output: Any, out: list[Rec], output_ack: Callable[[], Any]) -> None:
     """Pass on a StatefulStep's output: one value, or each of a list, tuple or generator."""
     rec.span = None  # the input's span ends with its snapshot (it is held)
     if isinstance(output, _SEVERAL):
@@ -212,287 +226,3 @@ def _emit(rec: Rec, output: Any, out: list[Rec], output_ack: Callable[[], Any]) 
         rec.set_result(output)
         rec.ack = output_ack()
         out.append(rec)
-
-
-# -- WindowAggregate ------------------------------------------------------------
-
-
-class WindowState(NodeState):
-    """A window node's state: per key, its open windows; and when each closes.
-
-    Entries map a key to ``{start_ms: acc}`` (tumbling, hopping) or to a list
-    of sessions ``[start_ms, last_ms, acc]`` ordered by start. ``deadlines``
-    (per partition) is a heap of ``(end_ms, key, start_ms)``, derived from the
-    entries (rebuilt on restore, never saved); an entry of a session that
-    grew since is stale and skipped when it comes up.
-    """
-
-    def __init__(self, node_id: str, clock: Callable[[], float], spec: Any) -> None:
-        super().__init__(node_id, clock)
-        self.spec = spec
-        self.deadlines: dict[int, list[tuple[int, Any, int]]] = {}
-        self.open_count = 0
-        """Windows (or sessions) waiting to close, kept up to date as they open and close."""
-
-    def heap(self, partition: int) -> list[tuple[int, Any, int]]:
-        heap = self.deadlines.get(partition)
-        if heap is None:
-            heap = self.deadlines[partition] = []
-        return heap
-
-    def restored(self, part: PartitionState) -> None:
-        heap = self.heap(part.partition)
-        spec = self.spec
-        for key, windows in part.entries.items():
-            self.open_count += len(windows)
-            if isinstance(spec, Session):
-                heap += [(last + spec.gap_ms, key, start) for start, last, _ in windows]
-            else:
-                heap += [(start + spec.size_ms, key, start) for start in windows]
-        heapq.heapify(heap)
-
-
-class WindowOp(_StateOp):
-    """``WindowAggregate``: fold records into windows per key; emit each window once closed."""
-
-    def __init__(
-        self, flow: str, plan: WindowPlan, run: RunState, metrics: FlowMetrics | None
-    ) -> None:
-        super().__init__(flow, plan.node_id, run, metrics)
-        self.spec = plan.window
-        self.aggregate = plan.aggregate
-        self.key = plan.key
-        self.event_time = plan.event_time
-        self.grace = plan.grace_ms
-        self.late = metrics.late_records.labels(flow, plan.node_id) if metrics else None
-
-    def _make_state(self) -> NodeState:
-        return WindowState(self.node, self.clock, self.spec)
-
-    def __call__(self, chunk: Chunk) -> Chunk:
-        loop, state = self._worker(chunk.worker)
-        assert isinstance(state, WindowState)
-        worker_state = loop.state
-        assert worker_state is not None
-        now = self.clock()
-        failed: list[Failure] = []
-        touched: set[int] = set()
-        if chunk.records:
-            if isinstance(self.spec, Session):
-                self._sessions(chunk, state, failed, touched, now)
-            else:
-                self._fixed(chunk, state, failed, touched, now)
-            state.changed = True
-        self._follow_idle(loop, state, now)
-        out: list[Rec] = []
-        for part in state.partitions.values():
-            self._close(state, part, out, worker_state.output_ack)
-        failures = chunk.failures + failed if failed else chunk.failures
-        return Chunk(chunk.worker, out, failures, chunk.flush, False)
-
-    def _observe(self, part: PartitionState, rec: Rec, now: float) -> int:
-        """The record's event time; the partition's clock takes it in."""
-        origin = rec.origin
-        assert origin is not None
-        stamp = origin.timestamp()[1] if self.event_time is None else self.event_time(rec.value)
-        observe(part, stamp, now)
-        return int(stamp)
-
-    def _late(self, rec: Rec, t: int, window: Window, part: PartitionState) -> list[Failure]:
-        if self.late is not None:
-            self.late.inc()
-        message = (
-            f"event time {t} belongs to the window [{window.start_ms}, {window.end_ms}), "
-            f"closed at event time {window.end_ms + self.grace} (now {part.watermark})"
-        )
-        return failures_for(self.flow, self.node, ErrorKind.LATE, rec, message)
-
-    def _fixed(
-        self,
-        chunk: Chunk,
-        state: WindowState,
-        failed: list[Failure],
-        touched: set[int],
-        now: float,
-    ) -> None:
-        """Tumbling and hopping windows: each record adds to every window it is in."""
-        spec = self.spec
-        assert isinstance(spec, Tumbling | Hopping)
-        size, grace = spec.size_ms, self.grace
-        step = spec.size_ms if isinstance(spec, Tumbling) else spec.step_ms
-        initial, add = self.aggregate.initial, self.aggregate.add
-        key_of = self.key
-        worker_state = self.run.worker(chunk.worker).state
-        assert worker_state is not None
-        hold = worker_state.hold
-        part: PartitionState | None = None
-        heap: list[tuple[int, Any, int]] = []
-        for rec in chunk.records:
-            origin = rec.origin
-            if origin is None:
-                failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, _NO_ORIGIN)
-                continue
-            partition = origin.partition() or 0
-            if part is None or part.partition != partition:
-                part = state.partition(partition)
-                heap = state.heap(partition)
-                touched.add(partition)
-            offset = origin.offset() or 0
-            if part.applied.seen(offset):
-                rec.ack.release()
-                continue
-            try:
-                t = self._observe(part, rec, now)
-                key = origin.key() if key_of is None else key_of(rec.value)
-            except Exception as exc:
-                failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
-                continue
-            if key is None:
-                failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, _NO_KEY)
-                continue
-            first = t - t % step - size + step  # the earliest window holding t
-            if first + size + grace <= part.watermark:
-                failed += self._late(rec, t, Window(first, first + size), part)
-                continue
-            windows = part.entries.get(key)
-            if windows is None:
-                windows = part.entries[key] = {}
-            try:
-                state.open_count += _add_to_windows(
-                    windows,
-                    value=rec.value,
-                    starts=range(first, t - t % step + 1, step),
-                    size=size,
-                    key=key,
-                    heap=heap,
-                    initial=initial,
-                    add=add,
-                )
-            except Exception as exc:
-                failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
-                continue
-            part.dirty.add(key)
-            part.applied.mark(offset)
-            hold(rec.ack)
-
-    def _sessions(
-        self,
-        chunk: Chunk,
-        state: WindowState,
-        failed: list[Failure],
-        touched: set[int],
-        now: float,
-    ) -> None:
-        """Session windows: a record joins (and may bridge) the sessions within the gap."""
-        spec = self.spec
-        assert isinstance(spec, Session)
-        gap, grace = spec.gap_ms, self.grace
-        aggregate = self.aggregate
-        key_of = self.key
-        worker_state = self.run.worker(chunk.worker).state
-        assert worker_state is not None
-        for rec in chunk.records:
-            origin = rec.origin
-            if origin is None:
-                failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, _NO_ORIGIN)
-                continue
-            partition = origin.partition() or 0
-            part = state.partition(partition)
-            touched.add(partition)
-            offset = origin.offset() or 0
-            if part.applied.seen(offset):
-                rec.ack.release()
-                continue
-            try:
-                t = self._observe(part, rec, now)
-                key = origin.key() if key_of is None else key_of(rec.value)
-                if key is None:
-                    failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, _NO_KEY)
-                    continue
-                sessions = part.entries.get(key) or []
-                joined = [s for s in sessions if s[0] - gap < t < s[1] + gap]
-                if not joined and t + gap + grace <= part.watermark:
-                    failed += self._late(rec, t, Window(t, t + gap), part)
-                    continue
-                # Joined sessions merge in time order, then the record is added.
-                acc = joined[0][2] if joined else aggregate.initial()
-                for session in joined[1:]:
-                    acc = aggregate.merge(acc, session[2])
-                acc = aggregate.add(acc, rec.value)
-                start = min([t, *(session[0] for session in joined)])
-                last = max([t, *(session[1] for session in joined)])
-            except Exception as exc:
-                failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
-                continue
-            state.open_count += 1 - len(joined)
-            kept = [s for s in sessions if s not in joined]
-            kept.append([start, last, acc])
-            kept.sort(key=_session_start)
-            part.entries[key] = kept
-            heapq.heappush(state.heap(partition), (last + gap, key, start))
-            part.dirty.add(key)
-            part.applied.mark(offset)
-            worker_state.hold(rec.ack)
-
-    def _close(
-        self,
-        state: WindowState,
-        part: PartitionState,
-        out: list[Rec],
-        output_ack: Callable[[], Any],
-    ) -> None:
-        """Emit every window of ``part`` whose end plus grace event time has passed."""
-        heap = state.heap(part.partition)
-        limit = part.watermark - self.grace
-        if not heap or heap[0][0] > limit:
-            return
-        spec, result, entries = self.spec, self.aggregate.result, part.entries
-        session = isinstance(spec, Session)
-        gap = spec.gap_ms if isinstance(spec, Session) else 0
-        while heap and heap[0][0] <= limit:
-            end, key, start = heapq.heappop(heap)
-            windows = entries.get(key)
-            if windows is None:
-                continue
-            if session:
-                found = next((s for s in windows if s[0] == start and s[1] + gap == end), None)
-                if found is None:
-                    continue  # the session grew (or merged) since this deadline
-                windows.remove(found)
-                acc = found[2]
-            else:
-                acc = windows.pop(start)
-            if not windows:
-                del entries[key]
-            state.open_count -= 1
-            part.dirty.add(key)
-            state.changed = True
-            value = result(key, Window(start, end), acc)
-            out.append(Rec(value, None, output_ack(), key=key_bytes(key)))
-
-
-def _add_to_windows(
-    windows: dict[int, Any],
-    *,
-    value: Any,
-    starts: range,
-    size: int,
-    key: Any,
-    heap: list[tuple[int, Any, int]],
-    initial: Callable[[], Any],
-    add: Callable[[Any, Any], Any],
-) -> int:
-    """Add ``value`` to the windows of ``key`` starting at ``starts``; return how many opened."""
-    opened = 0
-    for start in starts:
-        acc = windows.get(start)
-        if acc is None:
-            acc = initial()
-            heapq.heappush(heap, (start + size, key, start))
-            opened += 1
-        windows[start] = add(acc, value)
-    return opened
-
-
-def _session_start(session: list[Any]) -> Any:
-    return session[0]
