@@ -18,7 +18,7 @@ from loom.streaming import (
     Tumbling,
     WindowAggregate,
 )
-from loom.streaming.bytewax.state import AppliedOffsets, SqliteStateStore
+from loom.streaming.bytewax.state import AppliedOffsets, Change, Delta, SqliteStateStore
 from loom.streaming.testing import TestRunner
 
 FLOW = StreamFlow(
@@ -37,25 +37,37 @@ ENV = {
 }
 
 
-def delta(node: str, partition: int, entries: dict[object, object]) -> dict[str, object]:
-    changes = {pickle.dumps(k): None if v is None else pickle.dumps(v) for k, v in entries.items()}
-    return {node: {partition: (changes, pickle.dumps(((0, b"", -1), 5, 5)))}}
+META = ((0, b"", -1), 5, 5)
+
+
+def delta(node: str, partition: int, entries: dict[object, object], *, base: bool = False) -> Delta:
+    updates = {k: v for k, v in entries.items() if v is not None}
+    deletes = [k for k, v in entries.items() if v is None]
+    return {node: {partition: Change(pickle.dumps((updates, deletes, META)), base)}}
 
 
 def test_a_saved_snapshot_is_read_back_by_a_new_store(tmp_path: Path) -> None:
     store = SqliteStateStore(tmp_path, workers=2)
-    store.save(1, delta("n", 3, {b"a": 1, b"b": 2}))  # type: ignore[arg-type]
-    store.save(1, delta("n", 3, {b"a": None, b"c": 3}))  # type: ignore[arg-type]
+    store.save(1, delta("n", 3, {b"a": 1, b"b": 2}))
+    store.save(1, delta("n", 3, {b"a": None, b"c": 3}))
     store.close()
     loaded = SqliteStateStore(tmp_path, workers=2).load(1)
-    entries, meta = loaded["n"][3]
-    assert entries == {b"b": 2, b"c": 3}
-    assert meta == ((0, b"", -1), 5, 5)
+    assert loaded["n"][3] == ({b"b": 2, b"c": 3}, META)
     assert SqliteStateStore(tmp_path, workers=2).load(0) == {}
 
 
+def test_a_base_replaces_the_changes_before_it(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path, workers=1)
+    store.save(0, delta("n", 0, {b"a": 1, b"b": 2}))
+    store.save(0, delta("n", 0, {b"c": 3}, base=True))
+    store.save(0, delta("n", 0, {b"d": 4}))
+    assert store.load(0)["n"][0] == ({b"c": 3, b"d": 4}, META)
+    rows = store._connection(0).execute("SELECT count(*) FROM changes").fetchone()
+    assert rows == (2,)
+
+
 def test_state_written_by_another_number_of_workers_is_refused(tmp_path: Path) -> None:
-    SqliteStateStore(tmp_path, workers=2).save(0, delta("n", 0, {b"a": 1}))  # type: ignore[arg-type]
+    SqliteStateStore(tmp_path, workers=2).save(0, delta("n", 0, {b"a": 1}))
     with pytest.raises(StateLayoutError, match="written by 2 workers and this run has 4"):
         SqliteStateStore(tmp_path, workers=4)
 

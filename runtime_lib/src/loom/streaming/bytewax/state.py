@@ -37,24 +37,40 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from loom.delivery.acks import Ack, release_all
 from loom.errors import StateLayoutError
 
 logger = logging.getLogger("loom.streaming.state")
 
-PartitionDelta = tuple[dict[bytes, bytes | None], bytes]
-"""One partition's captured changes: pickled key -> pickled value (``None``:
-deleted), and the partition's pickled metadata (applied offsets, clock)."""
-Delta = dict[str, dict[int, PartitionDelta]]
+
+class Change(NamedTuple):
+    """One partition's captured changes, pickled at the cut in one piece.
+
+    ``data`` is the pickle of ``(updates, deletes, meta)``: the changed keys'
+    values, the deleted keys, the partition's metadata (applied offsets,
+    clock). ``base`` says it holds *every* entry (a compaction: the earlier
+    changes of the partition can go).
+    """
+
+    data: bytes
+    base: bool
+
+
+Delta = dict[str, dict[int, Change]]
 """A cut's changes, by node id and partition."""
 Loaded = dict[str, dict[int, tuple[dict[Any, Any], Any]]]
 """A worker's saved state, by node id and partition: its entries and metadata."""
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
+_COMPACT_RATIO = 2
+_COMPACT_MIN_BYTES = 1 << 20
+"""A partition's changes are compacted into one base once they exceed this
+many bytes and twice the size of its last base: the log stays within ~3x the
+live state, and each change is rewritten a bounded number of times."""
 
 
 class AppliedOffsets:
@@ -130,8 +146,10 @@ class PartitionState:
     __slots__ = (
         "applied",
         "arrival",
+        "base_bytes",
         "dirty",
         "entries",
+        "logged",
         "max_event",
         "partition",
         "watermark",
@@ -147,6 +165,10 @@ class PartitionState:
         self.max_event = self.NO_TIME
         self.watermark = self.NO_TIME
         self.arrival = now_ms
+        self.base_bytes = 0
+        """Size of the partition's last compacted snapshot."""
+        self.logged = _COMPACT_MIN_BYTES + 1
+        """Bytes of changes saved since then (a restored partition compacts first)."""
 
     def idle(self, now_ms: float) -> None:
         """The partition is read to its end: event time follows the wall clock."""
@@ -198,27 +220,36 @@ class NodeState:
     def restored(self, part: PartitionState) -> None:
         """Hook: rebuild what a subclass derives from ``part.entries``."""
 
-    def capture(self, committed: dict[int, int]) -> dict[int, PartitionDelta]:
-        """The changes since the last cut, pickled now (state keeps changing after)."""
-        delta: dict[int, PartitionDelta] = {}
+    def capture(self, committed: dict[int, int]) -> dict[int, Change]:
+        """The changes since the last cut, pickled now (state keeps changing after).
+
+        One pickle per partition, not per key: pickling a key's value on its
+        own, then writing it as a row, measured 8.6 µs a changed key; one
+        pickle of the changed keys and one row, 0.5 µs.
+        """
+        delta: dict[int, Change] = {}
         for partition, part in self.partitions.items():
             if partition in committed:
                 part.applied.prune(committed[partition])
-            entries = part.entries
-            changes = {
-                pickle.dumps(key, _PICKLE): (
-                    pickle.dumps(entries[key], _PICKLE) if key in entries else None
-                )
-                for key in part.dirty
-            }
+            entries, dirty = part.entries, part.dirty
+            base = part.logged > max(_COMPACT_MIN_BYTES, _COMPACT_RATIO * part.base_bytes)
+            if base:
+                updates, deletes = entries, []
+            else:
+                updates = {key: entries[key] for key in dirty if key in entries}
+                deletes = [key for key in dirty if key not in entries]
+            data = pickle.dumps((updates, deletes, part.meta()), _PICKLE)
             part.dirty = set()
-            delta[partition] = (changes, pickle.dumps(part.meta(), _PICKLE))
-            sizes = [len(value) for value in changes.values() if value is not None]
-            if sizes:
-                mean = sum(sizes) / len(sizes)
+            if base:
+                part.base_bytes, part.logged = len(data), 0
+            else:
+                part.logged += len(data)
+            if updates and (base or len(updates) >= 100):
+                mean = len(data) / len(updates)
                 self.entry_bytes = (
                     mean if not self.entry_bytes else 0.8 * self.entry_bytes + 0.2 * mean
                 )
+            delta[partition] = Change(data, base)
         self.changed = False
         if self.report is not None:
             self.report(self)
@@ -353,31 +384,16 @@ class WorkerState:
 # -- stores -------------------------------------------------------------------
 
 
-def _merge(target: dict[str, dict[int, Any]], delta: Delta) -> None:
-    """Apply ``delta`` to a saved state held as pickled entries and metadata."""
-    for node_id, partitions in delta.items():
-        saved = target.setdefault(node_id, {})
-        for partition, (changes, meta) in partitions.items():
-            entries, _ = saved.get(partition, ({}, b""))
-            for key, value in changes.items():
-                if value is None:
-                    entries.pop(key, None)
-                else:
-                    entries[key] = value
-            saved[partition] = (entries, meta)
-
-
-def _unpickle(saved: dict[str, dict[int, tuple[dict[bytes, bytes], bytes]]]) -> Loaded:
-    return {
-        node_id: {
-            partition: (
-                {pickle.loads(k): pickle.loads(v) for k, v in entries.items()},
-                pickle.loads(meta),
-            )
-            for partition, (entries, meta) in partitions.items()
-        }
-        for node_id, partitions in saved.items()
-    }
+def replay(changes: list[bytes]) -> tuple[dict[Any, Any], Any]:
+    """A partition's entries and metadata from its saved changes, oldest first."""
+    entries: dict[Any, Any] = {}
+    meta: Any = None
+    for data in changes:
+        updates, deletes, meta = pickle.loads(data)
+        entries.update(updates)
+        for key in deletes:
+            entries.pop(key, None)
+    return entries, meta
 
 
 class MemoryStateStore:
@@ -388,16 +404,25 @@ class MemoryStateStore:
     """
 
     def __init__(self) -> None:
-        self._workers: dict[int, dict[str, dict[int, Any]]] = {}
+        self._logs: dict[tuple[int, str, int], list[bytes]] = {}
         self._lock = threading.Lock()
 
     def load(self, worker: int) -> Loaded:
+        loaded: Loaded = {}
         with self._lock:
-            return _unpickle(self._workers.get(worker, {}))
+            for (owner, node, partition), changes in self._logs.items():
+                if owner == worker:
+                    loaded.setdefault(node, {})[partition] = replay(changes)
+        return loaded
 
     def save(self, worker: int, delta: Delta) -> None:
         with self._lock:
-            _merge(self._workers.setdefault(worker, {}), delta)
+            for node, partitions in delta.items():
+                for partition, change in partitions.items():
+                    log = self._logs.setdefault((worker, node, partition), [])
+                    if change.base:
+                        log.clear()
+                    log.append(change.data)
 
     def close(self) -> None:
         return None
@@ -409,11 +434,12 @@ _WORKER_FILE = re.compile(r"worker-(\d+)-of-(\d+)\.sqlite3$")
 class SqliteStateStore:
     """Snapshots in one SQLite file per worker under ``directory``.
 
-    ``worker-<i>-of-<n>.sqlite3``: state is partitioned across ``n`` workers,
-    so a directory written by another number of workers is refused
-    (:class:`~loom.errors.StateLayoutError`) rather than silently read in
-    part. Each save is one transaction with ``synchronous=FULL``: it is on
-    disk when :meth:`save` returns.
+    ``worker-<i>-of-<n>.sqlite3`` holds, per node and partition, a log of
+    changes (one row per cut), compacted into one base row from time to time.
+    State is partitioned across ``n`` workers, so a directory written by
+    another number of workers is refused (:class:`~loom.errors.StateLayoutError`)
+    rather than silently read in part. Each save is one transaction with
+    ``synchronous=FULL``: it is on disk when :meth:`save` returns.
     """
 
     def __init__(self, directory: Path, workers: int) -> None:
@@ -446,39 +472,35 @@ class SqliteStateStore:
                 connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=FULL")
-                connection.executescript(
-                    "CREATE TABLE IF NOT EXISTS entries (node TEXT, part INTEGER, key BLOB,"
-                    " value BLOB, PRIMARY KEY (node, part, key)) WITHOUT ROWID;"
-                    "CREATE TABLE IF NOT EXISTS meta (node TEXT, part INTEGER, value BLOB,"
-                    " PRIMARY KEY (node, part)) WITHOUT ROWID;"
+                connection.execute(
+                    "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY, node TEXT,"
+                    " part INTEGER, data BLOB)"
                 )
                 self._connections[worker] = connection
             return connection
 
     def load(self, worker: int) -> Loaded:
-        db = self._connection(worker)
-        saved: dict[str, dict[int, tuple[dict[bytes, bytes], bytes]]] = {}
-        for node, part, meta in db.execute("SELECT node, part, value FROM meta"):
-            saved.setdefault(node, {})[part] = ({}, meta)
-        for node, part, key, value in db.execute("SELECT node, part, key, value FROM entries"):
-            saved[node][part][0][key] = value
-        return _unpickle(saved)
+        logs: dict[tuple[str, int], list[bytes]] = {}
+        rows = self._connection(worker).execute("SELECT node, part, data FROM changes ORDER BY seq")
+        for node, part, data in rows:
+            logs.setdefault((node, part), []).append(data)
+        loaded: Loaded = {}
+        for (node, part), changes in logs.items():
+            loaded.setdefault(node, {})[part] = replay(changes)
+        return loaded
 
     def save(self, worker: int, delta: Delta) -> None:
         db = self._connection(worker)
         db.execute("BEGIN")
         try:
             for node, partitions in delta.items():
-                for part, (changes, meta) in partitions.items():
-                    db.executemany(
-                        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?)",
-                        _upserts(node, part, changes),
+                for part, change in partitions.items():
+                    if change.base:
+                        db.execute("DELETE FROM changes WHERE node = ? AND part = ?", (node, part))
+                    db.execute(
+                        "INSERT INTO changes (node, part, data) VALUES (?, ?, ?)",
+                        (node, part, change.data),
                     )
-                    db.executemany(
-                        "DELETE FROM entries WHERE node = ? AND part = ? AND key = ?",
-                        _deletes(node, part, changes),
-                    )
-                    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?, ?)", (node, part, meta))
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -489,15 +511,3 @@ class SqliteStateStore:
             for connection in self._connections.values():
                 connection.close()
             self._connections.clear()
-
-
-def _upserts(
-    node: str, part: int, changes: dict[bytes, bytes | None]
-) -> Iterator[tuple[str, int, bytes, bytes]]:
-    return ((node, part, k, v) for k, v in changes.items() if v is not None)
-
-
-def _deletes(
-    node: str, part: int, changes: dict[bytes, bytes | None]
-) -> Iterable[tuple[str, int, bytes]]:
-    return ((node, part, k) for k, v in changes.items() if v is None)
