@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from loom.observability import ObservabilityRuntime
@@ -245,3 +246,28 @@ def test_a_window_after_a_collect_batch_is_refused() -> None:
     with pytest.raises(FlowValidationError) as caught:
         compile_flow(flow_of(*nodes), TOPICS)
     assert "comes after a CollectBatch" in str(caught.value)
+
+
+def test_a_result_that_raises_is_dead_lettered_with_the_window_it_held() -> None:
+    class Fragile(Count):
+        def result(self, key: bytes, window: Window, acc: int) -> Any:
+            raise ValueError("cannot summarise")
+
+    tester = TestRunner(flow_of(WindowAggregate(Tumbling(1000), Fragile())))
+    tester.send({"n": 1}, key="a", timestamp_ms=10)
+    result = tester.run(advance_ms=1000)
+    (letter,) = result.dead_letters("dlq")
+    assert (letter.kind, letter.exception_type, letter.key) == (ErrorKind.TASK, "ValueError", b"a")
+    assert msgspec.json.decode(letter.value or b"") == {
+        "start_ms": 0,
+        "end_ms": 1000,
+        "accumulator": 1,
+    }
+    assert result.committed("input") == {0: 1}
+
+
+def test_a_key_that_cannot_be_hashed_is_a_task_error() -> None:
+    tester = TestRunner(flow_of(WindowAggregate(Tumbling(1000), Count(), key=lambda v: v["tags"])))
+    tester.send({"tags": ["x"]}, timestamp_ms=10)
+    (letter,) = tester.run().dead_letters("dlq")
+    assert (letter.kind, letter.exception_type) == (ErrorKind.TASK, "TypeError")

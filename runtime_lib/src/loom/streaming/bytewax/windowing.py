@@ -114,6 +114,7 @@ class _WindowOp(StateOp):
         self.event_time = plan.event_time
         self.grace = plan.grace_ms
         self.late = metrics.late_records.labels(flow, plan.node_id) if metrics else None
+        self.unemitted: list[Failure] = []
 
     def __call__(self, chunk: Chunk) -> Chunk:
         loop, state = self._worker(chunk.worker)
@@ -129,6 +130,9 @@ class _WindowOp(StateOp):
         for part in state.partitions.values():
             if self._close(state, part, out, worker_state):
                 state.changed = True
+        if self.unemitted:
+            failed += self.unemitted
+            self.unemitted = []
         failures = chunk.failures + failed if failed else chunk.failures
         return Chunk(chunk.worker, out, failures, chunk.flush, False)
 
@@ -145,8 +149,25 @@ class _WindowOp(StateOp):
     def _close(
         self, state: NodeState, part: PartitionState, out: list[Rec], worker_state: WorkerState
     ) -> bool:
-        """Emit the windows of ``part`` that event time closed; True if any."""
+        """Emit the windows of ``part`` that event time closed; True if any.
+
+        Results go to ``out``; a window whose ``aggregate.result`` raised goes
+        to ``self.unemitted`` as a failure naming the key and the window.
+        """
         raise NotImplementedError
+
+    def _result(self, key: Any, window: Window, acc: Any, ack: Ack, out: list[Rec]) -> None:
+        """Emit one window's result, or its failure if ``aggregate.result`` raises."""
+        kafka_key = key if type(key) is bytes else key_bytes(key)
+        try:
+            value = self.aggregate.result(key, window, acc)
+        except Exception as exc:
+            # The dead letter keeps what the window held (its value is the JSON of this).
+            held = {"start_ms": window.start_ms, "end_ms": window.end_ms, "accumulator": acc}
+            rec = Rec(held, None, ack, key=kafka_key)
+            self.unemitted += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
+            return
+        out.append(Rec(value, None, ack, key=kafka_key))
 
     def _fail(self, rec: Rec, kind: ErrorKind, error: BaseException | str) -> list[Failure]:
         return failures_for(self.flow, self.node, kind, rec, error)
@@ -231,10 +252,10 @@ class FixedWindowOp(_WindowOp):
             if first + size + grace <= part.watermark:
                 failed += self._late(rec, t, Window(first, first + size), part)
                 continue
-            windows = entries.get(key)
-            if windows is None:
-                windows = entries[key] = {}
             try:
+                windows = entries.get(key)  # raises for a key that cannot be hashed
+                if windows is None:
+                    windows = entries[key] = {}
                 # A tumbling window is one start; no range object per record.
                 for start in (last,) if tumbling else range(first, last + 1, step):
                     acc = windows.get(start)
@@ -267,7 +288,7 @@ class FixedWindowOp(_WindowOp):
         limit = part.watermark - self.grace
         if not ends or ends[0] > limit:
             return False
-        result, entries, dirty, size = self.aggregate.result, part.entries, part.dirty, self.size
+        entries, dirty, size, emit = part.entries, part.dirty, self.size, self._result
         while ends and ends[0] <= limit:
             end = heapq.heappop(ends)
             keys = buckets.pop(end)
@@ -280,8 +301,7 @@ class FixedWindowOp(_WindowOp):
                 if not windows:
                     del entries[key]
                 dirty.add(key)
-                kafka_key = key if type(key) is bytes else key_bytes(key)
-                out.append(Rec(result(key, window, acc), None, ack, key=kafka_key))
+                emit(key, window, acc, ack, out)
             state.open_count -= len(keys)
         return True
 
@@ -342,7 +362,7 @@ class SessionOp(_WindowOp):
                 continue
             start = min([t, *(session[0] for session in joined)])
             last = max([t, *(session[1] for session in joined)])
-            kept = [s for s in sessions if s not in joined]
+            kept = [s for s in sessions if all(s is not j for j in joined)]
             kept.append([start, last, acc])
             kept.sort(key=_session_start)
             part.entries[key] = kept
@@ -360,7 +380,7 @@ class SessionOp(_WindowOp):
         limit = part.watermark - self.grace
         if not heap or heap[0][0] > limit:
             return False
-        result, entries, gap = self.aggregate.result, part.entries, self.gap
+        entries, gap = part.entries, self.gap
         closed = False
         while heap and heap[0][0] <= limit:
             end, key, start = heapq.heappop(heap)
@@ -373,8 +393,7 @@ class SessionOp(_WindowOp):
                 del entries[key]
             state.open_count -= 1
             part.dirty.add(key)
-            value = result(key, Window(start, end), found[2])
-            out.append(Rec(value, None, worker_state.output_ack(), key=key_bytes(key)))
+            self._result(key, Window(start, end), found[2], worker_state.output_ack(), out)
             closed = True
         return closed
 
