@@ -80,6 +80,7 @@ from harness import (
 from run import machine
 from stateful_peers import Event, Reading
 
+import loom
 from loom.devtools.broker import DevBroker
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -1114,6 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
     load = ", ".join(f"{value:.2f}" for value in info["load_average_at_start"])
     print(f"load average before the benchmark: {load}")
     print(f"versions: {versions}")
+    print(f"loom imported from {Path(loom.__file__).parent} (set PYTHONPATH to pin a copy)")
     misses: list[str] = []
     if windows:
         misses += print_windows(args, windows)
