@@ -31,6 +31,7 @@ places this module.
 from __future__ import annotations
 
 import logging
+import operator
 import pickle
 import re
 import sqlite3
@@ -233,11 +234,11 @@ class NodeState:
                 part.applied.prune(committed[partition])
             entries, dirty = part.entries, part.dirty
             base = part.logged > max(_COMPACT_MIN_BYTES, _COMPACT_RATIO * part.base_bytes)
+            deletes: list[Any] = []
             if base:
-                updates, deletes = entries, []
+                updates = entries
             else:
-                updates = {key: entries[key] for key in dirty if key in entries}
-                deletes = [key for key in dirty if key not in entries]
+                updates, deletes = _changes(entries, dirty)
             data = pickle.dumps((updates, deletes, part.meta()), _PICKLE)
             part.dirty = set()
             if base:
@@ -261,6 +262,21 @@ class NodeState:
     def open_windows(self) -> int | None:
         """Windows waiting to close, for nodes that have windows."""
         return None
+
+
+def _changes(entries: dict[Any, Any], dirty: set[Any]) -> tuple[dict[Any, Any], list[Any]]:
+    """The values of the changed keys still present, and the changed keys deleted.
+
+    Set operations and ``itemgetter`` keep the per-key work in C: a
+    comprehension over the changed keys measured ~25% of a deduplicating
+    worker's time.
+    """
+    present = list(dirty & entries.keys())
+    deleted = list(dirty - entries.keys())
+    if len(present) == 1:
+        return {present[0]: entries[present[0]]}, deleted
+    values = operator.itemgetter(*present)(entries) if present else ()
+    return dict(zip(present, values, strict=True)), deleted
 
 
 class Barrier(Ack):

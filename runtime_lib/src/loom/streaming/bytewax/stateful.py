@@ -136,14 +136,19 @@ class StatefulOp(StateOp):
         loop, state = self._worker(chunk.worker)
         worker_state = loop.state
         assert worker_state is not None
-        now = self.clock()
         out: list[Rec] = []
         failed: list[Failure] = []
         held: list[Ack] = []
         marks: list[int] = []
         fn, key_of, ttl = self.fn, self.key, self.ttl_ms
-        output_ack = worker_state.output_ack
+        # Every output of this chunk takes the open barrier (counted once, below).
+        barrier = worker_state.barrier
+        outputs = 0
+        # Event time matters only for ttl_ms: without it, no timestamp is read.
+        now = self.clock() if ttl is not None else 0.0
         part: PartitionState | None = None
+        entries: dict[Any, Any] = {}
+        dirty: set[Any] = set()
         for rec in chunk.records:
             origin = rec.origin
             if origin is None:
@@ -155,24 +160,26 @@ class StatefulOp(StateOp):
                     part.applied.mark_all(marks)
                     marks = []
                 part = state.partition(partition)
+                entries, dirty = part.entries, part.dirty
             offset = origin.offset() or 0
             if offset <= part.applied.top and part.applied.seen(offset):
                 rec.ack.release()  # in the restored state already: applied once
                 continue
-            stamp = origin.timestamp()[1]
-            if stamp > part.max_event:
-                part.max_event, part.arrival = stamp, now
-                part.watermark = max(part.watermark, stamp)
+            if ttl is not None:
+                stamp = origin.timestamp()[1]
+                if stamp > part.max_event:
+                    part.max_event, part.arrival = stamp, now
+                    part.watermark = max(part.watermark, stamp)
+            value = rec.value
             try:
-                key = origin.key() if key_of is None else key_of(rec.value)
+                key = origin.key() if key_of is None else key_of(value)
                 if key is None:
                     failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, NO_KEY)
                     continue
-                entries = part.entries
                 current = entries.get(key)
                 if ttl is not None and current is not None:
                     current = current[0]
-                new_state, output = fn(current, rec.value)
+                new_state, output = fn(current, value)
             except Exception as exc:
                 failed += failures_for(self.flow, self.node, error_kind_of(exc), rec, exc)
                 continue
@@ -180,18 +187,28 @@ class StatefulOp(StateOp):
                 entries.pop(key, None)
             else:
                 entries[key] = new_state if ttl is None else (new_state, part.max_event)
-            part.dirty.add(key)
+            dirty.add(key)
             marks.append(offset)
             held.append(rec.ack)
-            if output is not None:
-                emit(rec, output, out, output_ack)
+            if output is None:
+                continue
+            rec.span = None  # the input's span ends with its snapshot (it is held)
+            if isinstance(output, _SEVERAL):
+                outputs += fan_out(rec, output, barrier, out)
+                continue
+            if output is not value:
+                rec.set_result(output)
+            rec.ack = barrier
+            outputs += 1
+            out.append(rec)
         if part is not None:
             part.applied.mark_all(marks)
         if chunk.records:
             worker_state.hold_all(held)
+            worker_state.output_acks(outputs)
             state.changed = True
-        self._follow_idle(loop, state, now)
         if ttl is not None:
+            self._follow_idle(loop, state, now)
             self._expire(state, ttl, chunk.worker)
         failures = chunk.failures + failed if failed else chunk.failures
         return Chunk(chunk.worker, out, failures, chunk.flush, False)
@@ -214,15 +231,12 @@ class StatefulOp(StateOp):
                     self.expired.inc(len(stale))
 
 
-def emit(rec: Rec, output: Any, out: list[Rec], output_ack: Callable[[], Any]) -> None:
-    """Pass on a StatefulStep's output: one value, or each of a list, tuple or generator."""
-    rec.span = None  # the input's span ends with its snapshot (it is held)
-    if isinstance(output, _SEVERAL):
-        for value in output:
-            child = Rec(None, rec.origin, output_ack(), None, rec.key, rec.headers)
-            child.set_result(value)
-            out.append(child)
-    else:
-        rec.set_result(output)
-        rec.ack = output_ack()
-        out.append(rec)
+def fan_out(rec: Rec, outputs: Any, ack: Ack, out: list[Rec]) -> int:
+    """Pass on each of a list, tuple or generator of outputs; return how many."""
+    count = 0
+    for value in outputs:
+        child = Rec(None, rec.origin, ack, None, rec.key, rec.headers)
+        child.set_result(value)
+        out.append(child)
+        count += 1
+    return count
