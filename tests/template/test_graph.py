@@ -246,7 +246,7 @@ def dedup(seen: bool | None, order: Order) -> tuple[bool, Order | None]:
     return True, None if seen else order
 
 
-def test_stateful_nodes_are_hexagons_with_their_window_aggregate_and_key() -> None:
+def test_stateful_nodes_are_trapezoids_with_their_window_aggregate_and_key() -> None:
     flow: StreamFlow[Any, Any] = StreamFlow(
         "stateful-flow",
         source=FromTopic("input", payload=Order),
@@ -274,7 +274,7 @@ def test_stateful_nodes_are_hexagons_with_their_window_aggregate_and_key() -> No
         "Sum('amount')<br/>key: record key"
     )
     ids = {label: node for node, label in labels(diagram).items()}
-    assert f'{ids[step]}{{{{"{step}"}}}}' in diagram
-    assert f'{ids[window]}{{{{"{window}"}}}}' in diagram
+    assert f'{ids[step]}[/"{step}"\\]' in diagram  # a trapezoid
+    assert f'{ids[window]}[/"{window}"\\]' in diagram
     assert (ids[step], "TASK, BUSINESS", "errors") in edges(diagram)
     assert (ids[window], "TASK, BUSINESS, LATE", "errors") in edges(diagram)

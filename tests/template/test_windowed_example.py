@@ -70,9 +70,7 @@ def windowed(template_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> S
 
 
 @pytest.fixture(scope="module")
-def windowed_without_k8s(
-    template_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Service:
+def windowed_without_k8s(template_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
     destination = tmp_path_factory.mktemp("windowed-no-k8s") / SERVICE
     data = {"example": "windowed", "include_k8s": False, "loom_runtime_source": "path"}
     return Service(render(template_repo, destination, data))
@@ -87,21 +85,12 @@ def orders(template_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Ser
 # ---------------------------------------------------------------- rendering
 
 
-HEXAGON = re.compile(r'^README\.md:\d+: n\d+\{\{"[^"]*"\}\}$')
-"""A stateful node in the README's diagram: Mermaid's hexagon ``{{"..."}}``,
-which ``loom graph`` draws (rendered from ``{% raw %}`` in the template)."""
-
-
-def left_unrendered(service: Service) -> list[str]:
-    return [line for line in unrendered(service.path) if not HEXAGON.match(line)]
-
-
 def test_nothing_is_left_unrendered(windowed: Service, windowed_without_k8s: Service) -> None:
-    assert left_unrendered(windowed) == []
-    assert left_unrendered(windowed_without_k8s) == []
+    assert unrendered(windowed.path) == []
+    assert unrendered(windowed_without_k8s.path) == []
     assert not (windowed_without_k8s.path / "k8s").exists()
-    [hexagon] = [line for line in windowed.read("README.md").splitlines() if "{{" in line]
-    assert hexagon.startswith('    n2{{"WindowAggregate: totals<br/>tumbling 60000 ms')
+    [trapezoid] = [line for line in windowed.read("README.md").splitlines() if '[/"' in line]
+    assert trapezoid.startswith('    n2[/"WindowAggregate: totals<br/>tumbling 60000 ms')
 
 
 def test_the_answers_record_the_example_and_the_description_follows_it(
@@ -158,8 +147,7 @@ def test_the_kubernetes_manifests_validate_and_give_each_pod_a_claim(windowed: S
     built_in = sorted(
         path
         for path in files
-        if not {doc["kind"] for doc in yaml.safe_load_all(path.read_text("utf-8"))}
-        & OPERATOR_KINDS
+        if not {doc["kind"] for doc in yaml.safe_load_all(path.read_text("utf-8"))} & OPERATOR_KINDS
     )
     run([tool("kubernetes-validate"), "--strict", "--quiet", *built_in], cwd=windowed.path)
     assert documents["ConfigMap"]["data"]["LOOM_STATE__DIR"] == STATE_DIR

@@ -366,6 +366,11 @@ register(NodeType(Router, RouterPlan, "router", _compile_router, _router_failure
 # -- StatefulStep, WindowAggregate: state per key -----------------------------
 
 
+STATE_SHAPE = ("[/", "\\]")
+"""Stateful nodes are trapezoids in ``loom graph`` (not hexagons: ``{{`` would be
+a Jinja expression in a generated README's template)."""
+
+
 def _check_stateful(compiler: Compiler, stream: Stream, node_id: str, where: str) -> None:
     """Checks every stateful node shares: where it may stand, its key."""
     compiler.check_batching("record", stream, where)
@@ -421,7 +426,7 @@ def _draw_stateful(node: StatefulStep) -> Drawing:
     )
     if node.ttl_ms is not None:
         lines += (f"ttl {node.ttl_ms} ms",)
-    return Drawing(("{{", "}}"), lines)
+    return Drawing(STATE_SHAPE, lines)
 
 
 register(
@@ -496,7 +501,7 @@ def _window_line(window: Any, grace_ms: int) -> str:
 def _draw_window(node: WindowAggregate) -> Drawing:
     title = f"WindowAggregate: {node.name}" if node.name else "WindowAggregate"
     lines = (title, _window_line(node.window, node.grace_ms), repr(node.aggregate))
-    return Drawing(("{{", "}}"), (*lines, _key_line(node.key)))
+    return Drawing(STATE_SHAPE, (*lines, _key_line(node.key)))
 
 
 register(

@@ -26,7 +26,6 @@ record cost.
 
 from __future__ import annotations
 
-import math
 import types
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +36,7 @@ from loom.streaming.bytewax.records import Chunk, Failure, Rec, error_kind_of, f
 from loom.streaming.bytewax.state import NodeState, PartitionState
 from loom.streaming.bytewax.worker import RunState, WorkerLoop
 from loom.streaming.errors import ErrorKind
-from loom.streaming.plan import STATE_TICK_MS, StatefulPlan
+from loom.streaming.plan import StatefulPlan
 
 NO_KEY = "the record has no key; state is kept per Kafka record key (or give key=...)"
 NO_ORIGIN = "the record has no input record to track (it comes from a batch)"
@@ -69,7 +68,6 @@ class StateOp:
         self.clock = run.clock
         self.metrics = metrics
         self._workers: dict[int, tuple[WorkerLoop, NodeState]] = {}
-        self._idle_checked: dict[int, float] = {}
 
     def _make_state(self) -> NodeState:
         return NodeState(self.node, self.clock)
@@ -106,10 +104,11 @@ class StateOp:
         return report
 
     def _follow_idle(self, loop: WorkerLoop, state: NodeState, now: float) -> None:
-        """Move the event time of idle partitions on with the wall clock (every tick at most)."""
-        if now - self._idle_checked.get(loop.index, -math.inf) < STATE_TICK_MS:
-            return
-        self._idle_checked[loop.index] = now
+        """Move the event time of idle partitions on with the wall clock.
+
+        Asked on every chunk and tick: ``caught_up`` answers from what the
+        consumer already knows (two calls into librdkafka per partition).
+        """
         reader = loop.reader
         for partition, part in state.partitions.items():
             if reader.caught_up(partition):
