@@ -271,3 +271,10 @@ def test_a_key_that_cannot_be_hashed_is_a_task_error() -> None:
     tester.send({"tags": ["x"]}, timestamp_ms=10)
     (letter,) = tester.run().dead_letters("dlq")
     assert (letter.kind, letter.exception_type) == (ErrorKind.TASK, "TypeError")
+
+
+def test_any_advance_of_the_test_clock_closes_the_windows_it_reaches() -> None:
+    tester = TestRunner(flow_of(WindowAggregate(Tumbling(1000), Count())))
+    tester.send({"n": 1}, key="a", timestamp_ms=997)
+    assert results(tester, advance_ms=2) == []  # event time 999: still open
+    assert results(tester, advance_ms=1) == [("a", 0, 1000, 1)]

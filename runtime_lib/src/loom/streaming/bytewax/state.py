@@ -171,20 +171,29 @@ class PartitionState:
         self.logged = _COMPACT_MIN_BYTES + 1
         """Bytes of changes saved since then (a restored partition compacts first)."""
 
-    def idle(self, now_ms: float) -> None:
-        """The partition is read to its end: event time follows the wall clock."""
-        if self.max_event != self.NO_TIME:
-            advanced = self.max_event + int(now_ms - self.arrival)
-            self.watermark = max(self.watermark, advanced)
+    def idle(self, now_ms: float) -> bool:
+        """The partition is read to its end: event time follows the wall clock.
+
+        Returns whether the watermark moved.
+        """
+        if self.max_event == self.NO_TIME:
+            return False
+        advanced = self.max_event + int(now_ms - self.arrival)
+        if advanced <= self.watermark:
+            return False
+        self.watermark = advanced
+        return True
 
     def meta(self) -> tuple[Any, ...]:
         return (self.applied.state(), self.max_event, self.watermark)
 
     def restore(self, entries: dict[Any, Any], meta: tuple[Any, ...], now_ms: float) -> None:
         """Take saved state; the downtime does not count as idle time."""
-        applied, self.max_event, self.watermark = meta
+        applied, max_event, self.watermark = meta
         self.applied = AppliedOffsets(*applied)
         self.entries = entries
+        # Idle time counts on from the watermark reached, not from the last record.
+        self.max_event = max(max_event, self.watermark)
         self.arrival = now_ms
 
 
@@ -201,6 +210,8 @@ class NodeState:
         self.partitions: dict[int, PartitionState] = {}
         self.changed = False
         """Something was applied, deleted or emitted since the last cut."""
+        self.moved = False
+        """Only event time moved (an idle partition) since the last cut."""
         self.entry_bytes = 0.0
         """Mean pickled size of an entry in recent snapshots (for ``loom_state_bytes``)."""
         self.report: Callable[[NodeState], None] | None = None
@@ -251,7 +262,7 @@ class NodeState:
                     mean if not self.entry_bytes else 0.8 * self.entry_bytes + 0.2 * mean
                 )
             delta[partition] = Change(data, base)
-        self.changed = False
+        self.changed = self.moved = False
         if self.report is not None:
             self.report(self)
         return delta
@@ -366,10 +377,16 @@ class WorkerState:
 
     @property
     def changed(self) -> bool:
+        """Records applied or results emitted since the last cut (a drain saves them)."""
         barrier = self.barrier
         return bool(barrier.members or barrier.outputs) or any(
             node.changed for node in self.nodes.values()
         )
+
+    @property
+    def due(self) -> bool:
+        """Anything to snapshot at a cut: a change, or event time that moved."""
+        return self.changed or any(node.moved for node in self.nodes.values())
 
     def cut(self, committed: dict[int, int]) -> None:
         """Capture the changes since the last cut and open the next interval."""

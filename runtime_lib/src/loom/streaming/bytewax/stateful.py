@@ -107,12 +107,14 @@ class StateOp:
         """Move the event time of idle partitions on with the wall clock.
 
         Asked on every chunk and tick: ``caught_up`` answers from what the
-        consumer already knows (two calls into librdkafka per partition).
+        consumer already knows (two calls into librdkafka per partition). A
+        watermark that moved is snapshotted at the next cut (``moved``), but
+        is no change a drain waits for.
         """
         reader = loop.reader
         for partition, part in state.partitions.items():
-            if reader.caught_up(partition):
-                part.idle(now)
+            if reader.caught_up(partition) and part.idle(now):
+                state.moved = True
 
 
 # -- StatefulStep ---------------------------------------------------------------

@@ -228,7 +228,7 @@ class WorkerLoop:
         now = time.monotonic()
         if state is not None and now >= self._last_cut + settings.snapshot_interval_s:
             self._last_cut = now
-            if state.changed:
+            if state.due:
                 state.cut(self.committed)
         if settings.commits.due(self._last_commit, now, idle=self._idle):
             self._last_commit = now
@@ -268,9 +268,11 @@ class WorkerLoop:
     def _drain_step(self) -> list[Chunk]:
         state = self.state
         if state is not None:
-            # Open windows stay in state: the last snapshot takes them along.
+            # Open windows stay in state: the last snapshot takes them along, with
+            # event time as the drain's first pass left it (later moves of an idle
+            # clock alone would keep the drain cutting for ever).
             state.advance()
-            if state.changed:
+            if state.changed or (state.due and self._drain_passes == 1):
                 state.cut(self.committed)
         self._commit()
         late = self.feedback.take()
