@@ -202,3 +202,24 @@ class ServiceVenv:
     def run(self, *command: str | Path, cwd: Path, timeout: float = 300) -> str:
         executable = self.bin / str(command[0])
         return run([executable, *command[1:]], cwd=cwd, env=self.env(), timeout=timeout).stdout
+
+
+KUSTOMIZATION = "kustomization.yaml"
+
+
+def manifest_files(service: Path) -> list[Path]:
+    """The Kubernetes manifests of a rendered service (``k8s/``, without its kustomization)."""
+    return sorted(path for path in (service / "k8s").glob("*.yaml") if path.name != KUSTOMIZATION)
+
+
+def applied_manifests(service: Path, destination: Path) -> Path:
+    """``k8s/`` as ``kubectl apply -k`` applies it, rendered by kubectl's kustomize into a file.
+
+    kubectl is on the machines the kit's CI runs on (and on GitHub's runners);
+    nothing here imitates kustomize.
+    """
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is missing: it renders k8s/ with kustomize (kubectl kustomize)"
+    done = run([kubectl, "kustomize", service / "k8s"], cwd=service)
+    destination.write_text(done.stdout, encoding="utf-8")
+    return destination

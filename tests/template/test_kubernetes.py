@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.template.support import render, run, tool
+from tests.template.support import applied_manifests, manifest_files, render, run, tool
 
 SERVICE = "orders-enricher"
 OPERATOR_KINDS = {"PrometheusRule", "ServiceMonitor"}
@@ -50,7 +50,7 @@ def odd_service(template_repo: Path, tmp_path_factory: pytest.TempPathFactory) -
 def documents(service: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Every manifest by kind (and by ``kind/name``), with its file."""
     found = {}
-    for path in sorted((service / "k8s").glob("*.yaml")):
+    for path in manifest_files(service):
         for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
             found[document["kind"]] = (path, document)
             found[f"{document['kind']}/{document['metadata']['name']}"] = (path, document)
@@ -71,11 +71,16 @@ def edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new), encoding="utf-8")
 
 
-def test_kubernetes_validate_passes_every_built_in_kind(service: Path) -> None:
+def test_kubernetes_validate_passes_every_built_in_kind(service: Path, tmp_path: Path) -> None:
     found = documents(service)
     assert {"PodDisruptionBudget", "NetworkPolicy", "StatefulSet"} <= set(found)
     built_in = sorted({path for path, doc in found.values() if doc["kind"] not in OPERATOR_KINDS})
     run([tool("kubernetes-validate"), "--strict", "--quiet", *built_in], cwd=service)
+    # And as applied: kustomize renders k8s/ (every manifest, replicas copied in).
+    applied = applied_manifests(service, tmp_path / "applied.yaml")
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(applied.read_text(encoding="utf-8"))}
+    assert kinds == {doc["kind"] for _, doc in found.values()}
+    run([tool("kubernetes-validate"), "--quiet", applied], cwd=service)
     # Skipped there on purpose: the operator's kinds, and nothing else.
     operator = {
         doc["kind"] for _, doc in found.values() if doc["apiVersion"].startswith("monitoring.")
@@ -98,11 +103,34 @@ def test_the_service_monitor_scrapes_the_metrics_service_as_the_rules_job(servic
     assert f'job="{SERVICE}"' in (service / "observability/alerts.yml").read_text("utf-8")
 
 
-def test_replicas_are_rendered_once_into_both_places(service: Path) -> None:
-    _, statefulset = documents(service)["StatefulSet"]
+def pod_env(statefulset: dict[str, Any]) -> dict[str, str]:
     [container] = statefulset["spec"]["template"]["spec"]["containers"]
-    env = {item["name"]: item["value"] for item in container["env"]}
-    assert statefulset["spec"]["replicas"] == int(env["LOOM_RUNTIME__REPLICAS"]) == 2
+    return {item["name"]: item["value"] for item in container["env"]}
+
+
+def applied_statefulset(service: Path, tmp_path: Path) -> dict[str, Any]:
+    applied = applied_manifests(service, tmp_path / "applied.yaml")
+    [statefulset] = [
+        doc
+        for doc in yaml.safe_load_all(applied.read_text(encoding="utf-8"))
+        if doc["kind"] == "StatefulSet"
+    ]
+    return statefulset
+
+
+def test_replicas_are_stated_once_and_kustomize_copies_them_into_the_pods(
+    service: Path, tmp_path: Path
+) -> None:
+    _, written = documents(service)["StatefulSet"]
+    assert written["spec"]["replicas"] == 2
+    assert not pod_env(written)["LOOM_RUNTIME__REPLICAS"].isdigit()  # no second statement
+    assert pod_env(applied_statefulset(service, tmp_path))["LOOM_RUNTIME__REPLICAS"] == "2"
+    copy = tmp_path / SERVICE
+    run(["cp", "-r", service, copy])
+    edit(copy / "k8s/statefulset.yaml", "  replicas: 2\n", "  replicas: 5\n")  # scaling
+    assert pod_env(applied_statefulset(copy, tmp_path))["LOOM_RUNTIME__REPLICAS"] == "5"
+    code, output = deployment_tests(copy)
+    assert code == 0, output
 
 
 def test_the_budget_and_the_spread_never_keep_the_cluster_from_running(service: Path) -> None:
@@ -140,13 +168,16 @@ def test_a_grace_period_within_the_shutdown_timeout_fails_the_deployment_tests(
     )
 
 
-def test_replicas_that_differ_fail_the_deployment_tests(service: Path, tmp_path: Path) -> None:
+def test_a_kustomization_that_no_longer_copies_replicas_fails_the_deployment_tests(
+    service: Path, tmp_path: Path
+) -> None:
     copy = tmp_path / SERVICE
     run(["cp", "-r", service, copy])
-    edit(copy / "k8s/statefulset.yaml", "  replicas: 2\n", "  replicas: 3\n")
+    text = (copy / "k8s/kustomization.yaml").read_text(encoding="utf-8")
+    (copy / "k8s/kustomization.yaml").write_text(text.split("replacements:")[0], "utf-8")
     code, output = deployment_tests(copy)
     assert code == 1
-    assert "LOOM_RUNTIME__REPLICAS must equal the StatefulSet's replicas" in output
+    assert "test_each_pod_derives_its_place_in_the_cluster_from_its_name" in output
 
 
 def test_the_network_policy_missing_the_brokers_port_fails_the_deployment_tests(

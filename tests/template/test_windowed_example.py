@@ -31,6 +31,7 @@ from tests.template.support import (
     ServiceVenv,
     bundled_wheel,
     compose_binary,
+    manifest_files,
     render,
     run,
     runtime_version,
@@ -58,7 +59,7 @@ class Service:
     def manifests(self) -> dict[str, dict[str, Any]]:
         return {
             document["kind"]: document
-            for path in sorted((self.path / "k8s").glob("*.yaml"))
+            for path in manifest_files(self.path)
             for document in yaml.safe_load_all(path.read_text(encoding="utf-8"))
         }
 
@@ -142,7 +143,7 @@ def test_the_image_makes_the_state_directory_for_the_service_user(windowed: Serv
 
 
 def test_the_kubernetes_manifests_validate_and_give_each_pod_a_claim(windowed: Service) -> None:
-    files = sorted((windowed.path / "k8s").glob("*.yaml"))
+    files = manifest_files(windowed.path)
     documents = windowed.manifests()
     built_in = sorted(
         path

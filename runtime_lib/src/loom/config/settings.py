@@ -418,7 +418,11 @@ def _derive_cluster(merged: dict[str, Any], env_map: Mapping[str, str]) -> list[
         if replicas < 1:
             raise ValueError
     except ValueError:
-        problems.append("LOOM_RUNTIME__REPLICAS: the StatefulSet replica count (>= 1) is required")
+        given = cluster.get("replicas")
+        problems.append(
+            "LOOM_RUNTIME__REPLICAS: the StatefulSet replica count (>= 1) is required"
+            + (f", got {given!r} (k8s/: apply with kubectl apply -k)" if given else "")
+        )
         replicas = 0
     service = cluster.get("cluster_service")
     if not service:
