@@ -177,3 +177,15 @@ def test_compile_problems_of_a_stateful_step(nodes: tuple[Any, ...], problem: st
     with pytest.raises(FlowValidationError) as caught:
         compile_flow(flow_of(*nodes), {"topics": {"input": "i", "output": "o", "dlq": "d"}})
     assert problem in str(caught.value)
+
+
+def test_a_key_function_that_groups_records_across_partitions_is_refused_per_record() -> None:
+    step = StatefulStep(running_total, key=lambda value: value["country"])
+    tester = TestRunner(flow_of(step), partitions=2)
+    tester.send({"id": 1, "amount": 1, "country": "fr"}, partition=0)
+    tester.send({"id": 2, "amount": 1, "country": "fr"}, partition=1)  # the same key elsewhere
+    result = tester.run()
+    assert [v["total"] for v in result.values("output")] == [1]
+    (letter,) = result.dead_letters("dlq")
+    assert (letter.kind, letter.exception_type) == (ErrorKind.TASK, "KeySpansPartitions")
+    assert "input partition 0 and now comes from partition 1" in letter.message

@@ -20,6 +20,8 @@
     │   ├── DecodeError               (ValueError) WIRE: bytes not a valid payload
     │   ├── BusinessError             BUSINESS: a step refused the record (user-raised)
     │   ├── AsyncTimeout              TIMEOUT: an async step exceeded its timeout_ms
+    │   ├── KeySpansPartitions        TASK: a stateful node's key function put one key
+    │   │                             in two input partitions
     │   └── MessageTooLarge           DELIVERY: the TestRunner's memory broker refused it
     ├── DlqError                      loom dlq / loom.dlq: a dead-letter topic could not
     │                                 be read or replayed (broker, topic, delivery)
@@ -186,6 +188,15 @@ class BusinessError(RecordError):
     Loom's contract, a signal *to* the runtime (like :class:`DecodeError`,
     it ends one record's path, never the flow), and Loom catches it for
     every step. Subclassing it for a team's own refusals is fine.
+    """
+
+
+class KeySpansPartitions(RecordError, ValueError):
+    """A stateful node's key has state for another input partition (``TASK``).
+
+    State is kept per input partition, so a ``key=`` function must keep each
+    key in one partition; records it would group across partitions are
+    dead-lettered instead of splitting the key's state (``docs/stateful.md``).
     """
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from loom.delivery.acks import Ack, release_all
-from loom.errors import StateLayoutError
+from loom.errors import KeySpansPartitions, StateLayoutError
 
 logger = logging.getLogger("loom.streaming.state")
 
@@ -269,6 +269,22 @@ class NodeState:
 
     def keys(self) -> int:
         return sum(len(part.entries) for part in self.partitions.values())
+
+    def check_one_partition(self, key: Any, partition: int) -> None:
+        """Refuse a key that already has state for another input partition of this worker.
+
+        State is kept per input partition, so a key function must keep each
+        key in one partition (``docs/stateful.md``); one that does not would
+        split the key's state silently. Checked when a key gets new state,
+        for key functions only (Kafka partitions by the record key).
+        """
+        for other, part in self.partitions.items():
+            if other != partition and key in part.entries:
+                raise KeySpansPartitions(
+                    f"key {key!r} has state for input partition {other} and now comes from "
+                    f"partition {partition}: the key function groups records across "
+                    "partitions; re-key them through a topic first (docs/stateful.md)"
+                )
 
     def open_windows(self) -> int | None:
         """Windows waiting to close, for nodes that have windows."""

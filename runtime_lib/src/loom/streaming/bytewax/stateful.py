@@ -178,6 +178,8 @@ class StatefulOp(StateOp):
                     failed += failures_for(self.flow, self.node, ErrorKind.TASK, rec, NO_KEY)
                     continue
                 current = entries.get(key)
+                if current is None and key_of is not None:
+                    state.check_one_partition(key, partition)
                 if ttl is not None and current is not None:
                     current = current[0]
                 new_state, output = fn(current, value)

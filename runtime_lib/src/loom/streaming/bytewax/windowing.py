@@ -255,6 +255,8 @@ class FixedWindowOp(_WindowOp):
             try:
                 windows = entries.get(key)  # raises for a key that cannot be hashed
                 if windows is None:
+                    if key_of is not None:
+                        state.check_one_partition(key, partition)
                     windows = entries[key] = {}
                 # A tumbling window is one start; no range object per record.
                 for start in (last,) if tumbling else range(first, last + 1, step):
@@ -348,6 +350,8 @@ class SessionOp(_WindowOp):
                     failed += self._fail(rec, ErrorKind.TASK, NO_KEY)
                     continue
                 sessions = part.entries.get(key) or []
+                if not sessions and key_of is not None:
+                    state.check_one_partition(key, part.partition)
                 joined = [s for s in sessions if s[0] - gap < t < s[1] + gap]
                 if not joined and t + gap + grace <= part.watermark:
                     failed += self._late(rec, t, Window(t, t + gap), part)
