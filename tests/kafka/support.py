@@ -69,7 +69,9 @@ class Cluster:
         keys: Iterable[bytes | None] | None = None,
         headers: list[tuple[str, bytes]] | None = None,
         partition: int | None = None,
+        timestamp_ms: int | None = None,
     ) -> int:
+        """Produce ``values``; ``timestamp_ms`` gives them one Kafka timestamp (event time)."""
         producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
         count = 0
         key_list = list(keys) if keys is not None else None
@@ -78,6 +80,8 @@ class Cluster:
             kwargs: dict[str, Any] = {"headers": headers} if headers else {}
             if partition is not None:
                 kwargs["partition"] = partition
+            if timestamp_ms is not None:
+                kwargs["timestamp"] = timestamp_ms
             while True:
                 try:
                     producer.produce(topic, value, key, **kwargs)

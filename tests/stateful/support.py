@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import msgspec
 from confluent_kafka import Producer
 
-from tests.kafka.support import Cluster, TopicTail
+from tests.kafka.support import TopicTail
 from tests.stateful.window_app import WINDOW_MS, Reading, Tally
 
 
@@ -48,23 +48,6 @@ class PacedInput(threading.Thread):
             producer.poll(0)
             time.sleep(0.005)  # the generator's pace (rate per second), not a wait for a result
         assert producer.flush(30) == 0
-
-
-def produce_at(
-    cluster: Cluster,
-    topic: str,
-    values: list[bytes],
-    *,
-    keys: list[bytes],
-    timestamp_ms: int,
-    partition: int | None = None,
-) -> None:
-    """Produce ``values`` with one Kafka timestamp (their event time)."""
-    producer = Producer({"bootstrap.servers": cluster.bootstrap, "linger.ms": 5})
-    for value, key in zip(values, keys, strict=True):
-        extra = {} if partition is None else {"partition": partition}
-        producer.produce(topic, value, key, timestamp=timestamp_ms, **extra)
-    assert producer.flush(30) == 0
 
 
 def expected_windows(sent: list[tuple[str, int, int]]) -> dict[tuple[str, int], tuple[int, int]]:

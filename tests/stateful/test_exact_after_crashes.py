@@ -18,10 +18,11 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.kafka.process import ServiceProcess, free_port, http_get, service_env
 from tests.kafka.support import Cluster, TopicTail, wait_until
-from tests.stateful.support import PacedInput, emitted, expected_windows, produce_at, settle
+from tests.stateful.support import PacedInput, emitted, expected_windows, settle
 from tests.stateful.window_app import GRACE_MS, WINDOW_MS, Reading
 
 APP = "tests.stateful.window_app"
@@ -95,9 +96,10 @@ def consumed(service: ServiceProcess) -> float:
     if status != 200:
         return 0.0
     return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("loom_records_consumed_total{")
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "loom_records_consumed_total"
     )
 
 
@@ -116,7 +118,7 @@ def test_sigterm_snapshots_commits_and_exits_zero_and_open_windows_continue(
     )
     window = (int(time.time() * 1000) // WINDOW_MS + 3600) * WINDOW_MS
     keys = [b"k%d" % (i % 10) for i in range(200)]
-    produce_at(cluster, topics["input"], readings(0, 200), keys=keys, timestamp_ms=window + 10)
+    cluster.produce(topics["input"], readings(0, 200), keys=keys, timestamp_ms=window + 10)
     output = TopicTail(cluster, topics["output"])
     with ServiceProcess(env, APP) as service:
         service.wait_ready()
@@ -126,12 +128,9 @@ def test_sigterm_snapshots_commits_and_exits_zero_and_open_windows_continue(
     assert sum(cluster.committed(group, topics["input"]).values()) == 200
     assert emitted(output) == []  # the windows are open, in the snapshot
     # More records for the same windows, then one far later per partition closes them.
-    produce_at(
-        cluster, topics["input"], readings(200, 100), keys=keys[:100], timestamp_ms=window + 20
-    )
+    cluster.produce(topics["input"], readings(200, 100), keys=keys[:100], timestamp_ms=window + 20)
     for partition in (0, 1):
-        produce_at(
-            cluster,
+        cluster.produce(
             topics["input"],
             readings(1000 + partition, 1),
             keys=[b"late-closer"],

@@ -422,12 +422,13 @@ class TestRunner:
 
     def _advance_when_read(self, advance_ms: int, workers: int) -> Callable[[], bool]:
         """Hold the input open until every worker read all of it, then move the clock."""
-        pending = [True]
+        pending = True
         lock = threading.Lock()
 
         def hold() -> bool:
+            nonlocal pending
             with lock:
-                if not pending[0]:
+                if not pending:
                     return False
                 readers = self.transport.readers
                 done = all(reader.polled and reader.read_all() for reader in readers)
@@ -437,7 +438,7 @@ class TestRunner:
                 if len(readers) < workers or not done or not settled:
                     return True
                 self.clock.advance(advance_ms)
-                pending[0] = False
+                pending = False
                 return False
 
         return hold

@@ -104,8 +104,12 @@ def _ensure_recovery_partitions(runtime: BytewaxRuntimeConfig) -> None:
     if db_dir.is_dir() and any(db_dir.iterdir()):
         return
     db_dir.mkdir(parents=True, exist_ok=True)
-    processes = len(runtime.addresses) if runtime.addresses else 1
-    init_db_dir(db_dir, runtime.workers_per_process * processes)  # type: ignore[no-untyped-call]
+    init_db_dir(db_dir, _cluster_workers(runtime))  # type: ignore[no-untyped-call]
+
+
+def _cluster_workers(runtime: BytewaxRuntimeConfig) -> int:
+    """Workers of the whole cluster: every process runs ``workers_per_process``."""
+    return runtime.workers_per_process * max(1, len(runtime.addresses or ()))
 
 
 def _peers(runtime: BytewaxRuntimeConfig) -> list[tuple[int, str]]:
@@ -608,9 +612,8 @@ class StreamingRunner:
                 names,
             )
         if settings.dir is not None:
-            workers = runtime.workers_per_process * max(1, len(runtime.addresses or ()))
             directory = Path(settings.dir) / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.plan.name)
-            return SqliteStateStore(directory, workers)
+            return SqliteStateStore(directory, _cluster_workers(runtime))
         if settings.durability == "volatile":
             logger.warning(
                 "state of %s is volatile (state.durability=volatile): a crash loses it and "
